@@ -1,0 +1,1 @@
+"""Flow-matching solvers (UniPC, DPM++) used by WanT2V.generate."""
