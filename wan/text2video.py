@@ -164,7 +164,7 @@ class WanT2V:
         return required
 
     def _autocast(self):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.param_dtype in (torch.bfloat16, torch.float16):
             return torch.amp.autocast("cuda", dtype=self.param_dtype)
         return contextlib.nullcontext()
 

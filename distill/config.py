@@ -1,0 +1,207 @@
+"""The typed config tree of a distillation run, its presets, and command-line parsing.
+
+One dataclass tree (`Config`) holds every setting; presets are plain functions returning a full
+config (`tiny`, the CPU default; `a14b`, a real release folder). The command line is preset first,
+then dotted overrides (`--student.latent_channels=4 --optim.lr=1e-4`), parsed by tyro: `--help`
+lists every option with its type and default, and an unknown key is an error naming the closest
+valid one. The seed's flags (`--teacher_path`, `--teacher_device_strategy`, `--teacher_dtype`,
+`--teacher_on_cpu`) are aliases of their `--teacher.*` keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from student_jax.config import OptimConfig, StudentConfig, student_preset, PRESETS as STUDENT_PRESETS
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def _alias(name: str):
+    return tyro.conf.arg(aliases=[name])
+
+
+@dataclass
+class TeacherConfig:
+    """The Wan teacher (torch)."""
+
+    path: Annotated[str, _alias("--teacher_path")] = ""
+    """Wan2.2-T2V-A14B release folder; empty: build the tiny teacher in data.cache_dir (CPU default)."""
+    config: str = ""
+    """Config JSON for the release; empty: the folder's config_*.json if present, else t2v-A14B."""
+    device_strategy: Annotated[Literal["gpu", "cpu"], _alias("--teacher_device_strategy")] = "gpu"
+    """gpu: teacher on this rank's GPU (CPU when none); cpu: teacher on the CPU (slow, saves GPU memory)."""
+    dtype: Annotated[Literal["bfloat16", "float32"], _alias("--teacher_dtype")] = "bfloat16"
+    """DiT weights/compute dtype on GPU (bf16 autocast as upstream); the CPU always runs float32."""
+    on_cpu: Annotated[bool, _alias("--teacher_on_cpu")] = False
+    """Keep the umT5 encoder on the CPU (upstream t5_cpu)."""
+    guide_scale: tuple[float, float] | None = None
+    """(low-noise, high-noise) CFG scales for the cfg loss; None: the config's sample_guide_scale."""
+    n_prompt: str = ""
+    """Negative prompt for CFG; empty: the config's default negative prompt."""
+
+
+@dataclass
+class DataConfig:
+    """Prompts, resolution and the x0 latent source."""
+
+    prompts: str = str(ASSETS / "prompts_tiny.txt")
+    """Training prompts, one per line."""
+    eval_prompts: str = str(ASSETS / "prompts_tiny_eval.txt")
+    """Held-out prompts for evaluation and sample grids, one per line."""
+    height: int = 64
+    """Image height in pixels (multiple of 16 = VAE stride 8 x student/teacher patch 2)."""
+    width: int = 64
+    """Image width in pixels (multiple of 16)."""
+    source: Literal["teacher", "images"] = "teacher"
+    """x0 latents from teacher samples (generate, cached) or from an image folder encoded by the VAE."""
+    image_dir: str = ""
+    """For source=images: folder of images, each with a same-named .txt caption."""
+    samples_per_prompt: int = 2
+    """Teacher samples (different seeds) per prompt for source=teacher."""
+    gen_steps: int = 0
+    """Sampling steps of the teacher samples; 0: the config's sample_steps."""
+    timestep_shift: float = 12.0
+    """Shift of the training timestep density s = shift*u/(1+(shift-1)u), u~U(0,1); 12 = Wan's sampling shift."""
+    cache_dir: str = "runs/cache"
+    """Text embeddings, x0 latents and the tiny teacher are cached here, shared between runs."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    """Global batch (split over ranks; must be divisible by the world size)."""
+    seed: int = 0
+    loss: Literal["cfg", "velocity"] = "cfg"
+    """cfg: match the teacher's guided velocity (one student pass at sampling); velocity: the conditional velocity."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """Non-finite teacher output / loss: skip the update, or stop the run (keeping the last checkpoint)."""
+    log_every: int = 20
+    eval_every: int = 250
+    sample_every: int = 500
+    """Write a PNG grid of student vs teacher samples every N steps (0: never)."""
+    jax_memory_fraction: float = 0.3
+    """Share of GPU memory JAX may take; the torch teacher gets the rest."""
+
+
+@dataclass
+class EvalConfig:
+    num_noise: int = 2
+    """Noise draws per held-out prompt and timestep."""
+    timesteps: tuple[float, ...] = (100.0, 400.0, 700.0, 900.0, 980.0)
+    """Fixed timesteps (t = 1000 s) of the held-out velocity error; both experts' ranges."""
+    sample_steps: int = 8
+    sample_solver: Literal["unipc", "euler"] = "unipc"
+    grid_prompts: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    workdir: str = "runs/tiny"
+    """Run directory: config.json, metrics.jsonl, tb/, samples/, checkpoints/. Resumes if it holds a checkpoint."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=lambda: student_preset("tiny"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def tiny() -> Config:
+    """CPU default: tiny built-in teacher, tiny student, 64x64 images, a few minutes on 2 cores."""
+    return Config(
+        preset="tiny",
+        optim=OptimConfig(lr=1e-3, warmup_steps=50, total_steps=2000, end_lr_ratio=0.1, weight_decay=0.0,
+                          clip_norm=1.0, ema_decay=0.99),
+    )
+
+
+def a14b() -> Config:
+    """The real Wan2.2-T2V-A14B teacher (give --teacher_path), `small` student, 1024x1024 images."""
+    return Config(
+        preset="a14b",
+        workdir="runs/a14b",
+        student=student_preset("small"),
+        optim=OptimConfig(lr=1e-4, warmup_steps=1000, total_steps=100_000, end_lr_ratio=0.1, weight_decay=0.01,
+                          clip_norm=1.0, ema_decay=0.9999),
+        data=DataConfig(prompts="", eval_prompts="", height=1024, width=1024, samples_per_prompt=1, gen_steps=40),
+        train=TrainConfig(steps=100_000, batch_size=8, log_every=20, eval_every=1000, sample_every=2000),
+        ckpt=CheckpointConfig(every=1000, keep=3),
+    )
+
+
+PRESETS = {"tiny": tiny, "a14b": a14b}
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """`--preset NAME` and `--student_preset NAME` pick the defaults; every other flag overrides them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    pre.add_argument("--student_preset", choices=list(STUDENT_PRESETS), default=None)
+    known, rest = pre.parse_known_args(argv)
+    cfg = PRESETS[known.preset]()
+    if known.student_preset:
+        cfg.student = student_preset(known.student_preset)
+    description = (
+        "Distil Wan2.2 T2V-A14B into a Flax image student. `--preset {tiny,a14b}` and "
+        f"`--student_preset {{{','.join(STUDENT_PRESETS)}}}` choose the defaults below (now: preset "
+        f"{known.preset}); every option overrides them."
+    )
+    cfg = tyro.cli(Config, default=cfg, args=rest, use_underscores=True, description=description)
+    cfg.preset = known.preset
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Errors a user can fix from the command line, said before any work starts."""
+    problems = []
+    for name in ("height", "width"):
+        value = getattr(cfg.data, name)
+        if value <= 0 or value % 16:
+            problems.append(
+                f"--data.{name}={value} must be a positive multiple of 16 (VAE stride 8 x patch 2); "
+                f"try {max(16, round(value / 16) * 16)}"
+            )
+    if cfg.train.steps < 1:
+        problems.append(f"--train.steps must be >= 1, got {cfg.train.steps}")
+    if cfg.train.batch_size < 1:
+        problems.append(f"--train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.data.source == "images" and not cfg.data.image_dir:
+        problems.append("--data.source=images needs --data.image_dir")
+    if cfg.preset == "a14b" and not cfg.teacher.path:
+        problems.append("the a14b preset needs --teacher_path /path/to/Wan2.2-T2V-A14B")
+    if cfg.student.teacher_channels != 16:
+        problems.append(f"--student.teacher_channels must be 16 (the Wan VAE latent space), got {cfg.student.teacher_channels}")
+    if problems:
+        raise SystemExit("error: " + "\n       ".join(problems))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(cfg), indent=2))

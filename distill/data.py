@@ -1,0 +1,204 @@
+"""Training data: prompt files, the per-prompt text-embedding cache, and the x0 latent caches.
+
+The umT5 encoder is 5.7B parameters, so every prompt is encoded once, saved per prompt under
+`cache_dir/text/<teacher id>/`, and the encoder is freed before training. x0 latents come either
+from teacher samples (`WanT2V.generate`, cached per dataset key) or from an image folder encoded by
+the Wan VAE. Caches are keyed by everything that changes their content, and written atomically
+(temp file + rename), so an interrupted run never leaves a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """Bad training data (empty prompt file, unreadable image, missing caption...)."""
+
+
+def load_prompts(path: str | os.PathLike, what: str = "prompt file") -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 text file; a clear error if there are none."""
+    if not path:
+        raise DataError(f"no {what} given: pass --data.prompts FILE (one prompt per line)")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"{what} {path} holds no prompts: write one prompt per line")
+    return prompts
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a corrupt cache entry is recomputed, not fatal
+        log.warning("ignoring unreadable cache entry %s (%s); recomputing it", path, exc)
+        return None
+
+
+def file_identity(path: Path) -> list:
+    """What changes when a checkpoint file changes: name, size, modification time."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, int(stat.st_mtime)]
+
+
+class EmbeddingCache:
+    """Per-prompt umT5 embeddings ([L, 4096], bf16 as the encoder returns them) on disk."""
+
+    def __init__(self, cache_dir: str | os.PathLike, teacher_id: str):
+        self.folder = Path(cache_dir) / "text" / teacher_id
+
+    def path(self, prompt: str) -> Path:
+        return self.folder / f"{_digest(prompt)[:20]}.safetensors"
+
+    def missing(self, prompts: list[str]) -> list[str]:
+        return sorted({p for p in prompts if not self.path(p).is_file()})
+
+    def fill(self, prompts: list[str], encode: Callable[[list[str]], list[torch.Tensor]], batch: int = 8) -> int:
+        """Encode and store the prompts not cached yet; returns how many were encoded."""
+        todo = self.missing(prompts)
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            for prompt, emb in zip(chunk, encode(chunk)):
+                _atomic_save({"context": emb}, self.path(prompt), metadata={"prompt": prompt})
+        return len(todo)
+
+    def get(self, prompts: list[str]) -> list[torch.Tensor]:
+        out = []
+        for prompt in prompts:
+            entry = _load(self.path(prompt))
+            if entry is None:
+                raise DataError(f"text embedding of {prompt!r} is not cached in {self.folder}")
+            out.append(entry["context"])
+        return out
+
+
+def latent_cache_path(cache_dir: str | os.PathLike, kind: str, key_parts: list) -> Path:
+    return Path(cache_dir) / "x0" / f"{kind}_{_digest(*key_parts)[:20]}.safetensors"
+
+
+def cached_latents(path: Path, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Load a latent dataset, or build and store it first."""
+    if path.is_file():
+        entry = _load(path)
+        if entry is not None:
+            return entry
+    data = build()
+    _atomic_save(data, path)
+    return data
+
+
+def teacher_latents(pipe, contexts: list[torch.Tensor], context_null: torch.Tensor, samples_per_prompt: int,
+                    size: tuple[int, int], steps: int, shift: float, guide_scale, seed: int,
+                    batch: int = 8) -> dict[str, torch.Tensor]:
+    """x0 latents [N, 16, h, w] sampled by the teacher from cached text embeddings, + prompt index per row.
+
+    The same loop as `generate` (UniPC, both experts, CFG), fed embeddings instead of prompts so
+    the text encoder can be freed first. Noise: a CPU generator seeded with `seed`, one draw per row.
+    """
+    shape = pipe.latent_shape(size, 1)
+    jobs = [p for _ in range(samples_per_prompt) for p in range(len(contexts))]
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.stack([torch.randn(shape, generator=gen) for _ in jobs])  # [N, 16, 1, h, w]
+    latents = []
+    for start in range(0, len(jobs), batch):
+        rows = jobs[start : start + batch]
+        out = pipe.sample(
+            noise[start : start + len(rows)], [contexts[p] for p in rows], [context_null] * len(rows),
+            sampling_steps=steps, shift=shift, guide_scale=guide_scale,
+        )
+        latents.append(out[:, :, 0].float().cpu())  # [b, 16, 1, h, w] -> [b, 16, h, w]
+    return {"latents": torch.cat(latents), "prompt_index": torch.tensor(jobs)}
+
+
+def image_folder(path: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(image, caption) pairs: every image with a same-named .txt caption beside it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    pairs = []
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption = image.with_suffix(".txt")
+        if not caption.is_file():
+            raise DataError(f"image {image} has no caption file {caption.name}: write its prompt there")
+        text = caption.read_text(encoding="utf-8").strip()
+        if not text:
+            raise DataError(f"caption {caption} is empty")
+        pairs.append((image, text))
+    if not pairs:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return pairs
+
+
+def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (cover) + center-crop to size = (width, height); returns [3, 1, H, W] in [-1, 1]."""
+    from PIL import Image
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"could not read image {path}: {exc}") from exc
+    width, height = size
+    scale = max(width / image.width, height / image.height)
+    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
+    return pixels.permute(2, 0, 1)[:, None]  # [3, 1, H, W]
+
+
+def image_latents(vae, pairs: list[tuple[Path, str]], prompts: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Encode the images with the Wan VAE: x0 latents [N, 16, h, w] + prompt index per row."""
+    latents = []
+    for image, _ in pairs:
+        z = vae.encode([load_image(image, size).to(vae.device)])[0]  # [16, 1, h, w]
+        latents.append(z[:, 0].float().cpu())
+    index = [prompts.index(caption) for _, caption in pairs]
+    return {"latents": torch.stack(latents), "prompt_index": torch.tensor(index)}
+
+
+def pad_text(contexts: list[torch.Tensor], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """List of [L_i, D] -> padded float32 [B, length, D] and bool mask [B, length]."""
+    dim = contexts[0].shape[-1]
+    text = np.zeros((len(contexts), length, dim), np.float32)
+    mask = np.zeros((len(contexts), length), bool)
+    for i, c in enumerate(contexts):
+        n = min(c.shape[0], length)
+        text[i, :n] = c[:n].float().cpu().numpy()
+        mask[i, :n] = True
+    return text, mask

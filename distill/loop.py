@@ -1,0 +1,406 @@
+"""The online distillation loop: `train(cfg)`.
+
+Per step (every rank): pick the global batch rows from the step number, build the noisy latents in
+JAX (noise from `fold_in(state.rng, step)`), hand this rank's shard to the torch teacher through
+DLPack, bring its targets back as one global array sharded over the data axis, and run the jitted,
+donated `train_step`. Around it: caches (text embeddings, x0 latents), held-out evaluation,
+sample grids, metrics, orbax checkpoints with automatic resume, SIGTERM handling.
+
+Every jitted computation runs on all ranks (JAX multi-controller); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config as config_lib
+from .config import Config
+from .data import (
+    EmbeddingCache,
+    cached_latents,
+    image_folder,
+    image_latents,
+    latent_cache_path,
+    load_prompts,
+    pad_text,
+    teacher_latents,
+)
+from .metrics import MetricsWriter, save_grid, to_uint8
+from .teacher import Teacher, build_pipeline, free_text_encoder, release_config, teacher_id
+from .tiny_teacher import tiny_release
+
+log = logging.getLogger("distill")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite values with nan_policy=stop, incompatible resume...)."""
+
+
+def _setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax chatter about unrestored items
+
+
+def _prepare_batch(rng, step, x0_teacher, *, shift, student_cfg):
+    """x0 in teacher space [B,16,H,W] -> student-space x_t, t, and the teacher's input x_t [B,16,H,W]."""
+    from student_jax.projection import from_teacher, to_teacher
+    from student_jax.train_step import make_noisy_batch
+
+    x0 = from_teacher(x0_teacher, student_cfg)
+    noisy = make_noisy_batch(rng, step, x0, shift)
+    return noisy["x_t"], noisy["t"], to_teacher(noisy["x_t"], student_cfg)
+
+
+class _Stop:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+        for sig in (signal.SIGTERM,):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the distillation described by `cfg`; returns a summary of the run."""
+    from bridge.runtime import Runtime
+
+    rt = Runtime.from_env(jax_memory_fraction=cfg.train.jax_memory_fraction)
+    _setup_logging(rt.is_main)
+    stop = _Stop()  # from the start: a SIGTERM during setup stops at the first step boundary
+    try:
+        return _train(cfg, rt, stop)
+    finally:
+        stop.restore()
+        rt.shutdown()
+
+
+def _train(cfg: Config, rt, stop: _Stop) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from bridge.dlpack import global_to_local, jax_to_teacher_inputs, local_to_global, teacher_outputs_to_jax
+    from student_jax.checkpoint import Checkpointer
+    from student_jax.model import Student
+    from student_jax.optim import make_optimizer
+    from student_jax.projection import to_teacher
+    from student_jax.sampler import sample as student_sample
+    from student_jax.state import abstract_train_state, create_train_state
+    from student_jax.train_step import eval_velocity_error, train_step
+
+    t_start = time.time()
+    workdir = Path(cfg.workdir)
+    if cfg.train.batch_size % rt.world_size:
+        raise SystemExit(
+            f"error: --train.batch_size={cfg.train.batch_size} must be divisible by the number of processes "
+            f"({rt.world_size})"
+        )
+    if rt.is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_lib.dump(cfg, workdir / "config.json")
+    cache = Path(cfg.data.cache_dir)
+
+    # ------------------------------------------------------------ prompts and teacher
+    prompts = load_prompts(cfg.data.prompts)
+    eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompt file")
+    pairs = image_folder(cfg.data.image_dir) if cfg.data.source == "images" else []
+    if pairs:
+        prompts = sorted({caption for _, caption in pairs})
+    if cfg.teacher.path:
+        folder = Path(cfg.teacher.path)
+    else:
+        if rt.is_main:
+            tiny_release(cache, prompts + eval_prompts)
+        rt.barrier()
+        folder = tiny_release(cache, prompts + eval_prompts)
+    wan_config = release_config(folder, cfg.teacher.config)
+    device = rt.torch_device if cfg.teacher.device_strategy == "gpu" else torch.device("cpu")
+    log.info("teacher: %s on %s (%s)", folder, device, cfg.teacher.dtype)
+    pipe = build_pipeline(folder, wan_config, device, cfg.teacher.dtype, cfg.teacher.on_cpu)
+    tid = teacher_id(folder, wan_config, cfg.teacher.dtype)
+    guide = tuple(cfg.teacher.guide_scale or wan_config.sample_guide_scale)
+    n_prompt = cfg.teacher.n_prompt or wan_config.sample_neg_prompt
+    size = (cfg.data.width, cfg.data.height)
+    latent_hw = (cfg.data.height // 8, cfg.data.width // 8)
+    text_len = wan_config.text_len
+    if cfg.student.max_text_len < text_len:
+        raise SystemExit(f"error: --student.max_text_len={cfg.student.max_text_len} is below the teacher's text_len {text_len}")
+
+    # ------------------------------------------------------------ caches: text, then x0 latents
+    embeddings = EmbeddingCache(cache, tid)
+    if rt.is_main:
+        encoded = embeddings.fill(prompts + eval_prompts + [n_prompt], pipe.encode_text)
+        log.info("text embeddings: %d encoded, %d cached in %s", encoded,
+                 len(set(prompts + eval_prompts + [n_prompt])) - encoded, embeddings.folder)
+    rt.barrier()
+    free_text_encoder(pipe)
+    contexts = embeddings.get(prompts)
+    eval_contexts = embeddings.get(eval_prompts)
+    context_null = embeddings.get([n_prompt])[0]
+
+    steps_gen = cfg.data.gen_steps or wan_config.sample_steps
+    gen_args = dict(size=size, steps=steps_gen, shift=wan_config.sample_shift, guide_scale=guide)
+
+    def x0_dataset(kind, ctxs, seed):
+        key = [tid, kind, [str(c.shape) for c in ctxs], sorted(prompts if kind == "train" else eval_prompts),
+               cfg.data.samples_per_prompt, gen_args, seed, n_prompt]
+        path = latent_cache_path(cache, kind, key)
+        if rt.is_main:
+            cached_latents(path, lambda: teacher_latents(pipe, ctxs, context_null, cfg.data.samples_per_prompt,
+                                                         seed=seed, **gen_args))
+        rt.barrier()
+        return cached_latents(path, lambda: (_ for _ in ()).throw(TrainingError(f"missing cache {path}")))
+
+    if cfg.data.source == "images":
+        key = [tid, [str(p) for p, _ in pairs], size]
+        path = latent_cache_path(cache, "images", key)
+        if rt.is_main:
+            cached_latents(path, lambda: image_latents(pipe.vae, pairs, prompts, size))
+        rt.barrier()
+        train_x0 = cached_latents(path, lambda: image_latents(pipe.vae, pairs, prompts, size))
+    else:
+        train_x0 = x0_dataset("train", contexts, cfg.train.seed)
+    eval_x0 = x0_dataset("eval", eval_contexts, cfg.train.seed + 1)
+    log.info("x0 latents: %d train rows, %d held-out rows, latent %s", len(train_x0["latents"]),
+             len(eval_x0["latents"]), tuple(train_x0["latents"].shape[1:]))
+    teacher = Teacher(pipe, cfg.train.loss, guide, context_null)
+
+    # ------------------------------------------------------------ student, optimizer, state, checkpoints
+    scfg = cfg.student
+    model = Student(scfg)
+    # The schedule spans the run; a warmup longer than a (short, test) run is cut to its length.
+    optim_cfg = dataclasses.replace(cfg.optim, total_steps=cfg.train.steps,
+                                    warmup_steps=min(cfg.optim.warmup_steps, cfg.train.steps))
+    tx = make_optimizer(optim_cfg)
+    mesh = rt.mesh
+    replicated = NamedSharding(mesh, P())
+    sharded = NamedSharding(mesh, P("data"))
+    init_rng = jax.random.key(cfg.train.seed)
+
+    abstract = abstract_train_state(scfg, optim_cfg, latent_hw, text_len)
+    state_shardings = jax.tree_util.tree_map(lambda _: replicated, abstract)
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.ckpt.keep,
+                                save_interval_steps=cfg.ckpt.every, async_save=cfg.ckpt.async_save)
+    cfg_dict = config_lib.to_dict(cfg)
+    if checkpointer.latest_step() is not None:
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+        )
+        state, saved_cfg, restored_step = checkpointer.restore(target)
+        if saved_cfg.get("student") != cfg_dict["student"]:
+            raise TrainingError(
+                f"{workdir} holds a checkpoint of a different student ({saved_cfg.get('student')}); "
+                "use another --workdir or the same --student.* settings"
+            )
+        log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
+    else:
+        init = jax.jit(
+            functools.partial(create_train_state, scfg, optim_cfg, latent_hw=latent_hw, text_len=text_len),
+            out_shardings=state_shardings,
+        )
+        state = init(init_rng)
+    start_step = int(jax.device_get(state.step))
+
+    batch_shardings = dict(x_t=sharded, t=sharded, text=sharded, text_mask=sharded, target=sharded)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, ema_decay=optim_cfg.ema_decay, nan_policy="skip"),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    prepare_fn = jax.jit(
+        functools.partial(_prepare_batch, shift=cfg.data.timestep_shift, student_cfg=scfg),
+        in_shardings=(replicated, replicated, sharded),
+        out_shardings=(sharded, sharded, sharded),
+    )
+
+    def replicate(array: np.ndarray):
+        return jax.make_array_from_callback(array.shape, replicated, lambda index: array[index])
+
+    # ------------------------------------------------------------ held-out set: fixed prompts, noise, timesteps
+    eval_batch = _eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate)
+    eval_fn = jax.jit(functools.partial(eval_velocity_error, model=model), in_shardings=(replicated, replicated),
+                      out_shardings=replicated)
+
+    # ------------------------------------------------------------ sample grid: teacher images once
+    grid = _GridMaker(cfg, wan_config, pipe, teacher, eval_contexts, context_null, text_len, latent_hw, guide,
+                      replicate, rt.is_main, model, student_sample, to_teacher) if cfg.train.sample_every else None
+
+    # ------------------------------------------------------------ the loop
+    writer = MetricsWriter(workdir, enabled=rt.is_main)
+    x0_all = train_x0["latents"].numpy()  # [N, 16, h, w]
+    row_prompt = train_x0["prompt_index"].numpy()
+    local_rows = rt.batch_slice(cfg.train.batch_size)
+    summary = {"start_step": start_step}
+    progress = None
+    if rt.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.train.steps, initial=start_step, desc="distill", dynamic_ncols=True,
+                        disable=None, file=sys.stderr)
+    pending, window_start, window_steps = [], time.perf_counter(), 0
+
+    def evaluate(step):
+        errors = {
+            "eval/rel_velocity_error": float(jax.device_get(eval_fn(state.params, eval_batch))),
+            "eval/rel_velocity_error_ema": float(jax.device_get(eval_fn(state.ema, eval_batch))),
+        }
+        writer.write(step, errors)
+        summary.setdefault("first_eval", errors)
+        summary["last_eval"] = errors
+        log.info("step %d: held-out relative velocity error %.4f (ema %.4f)", step,
+                 errors["eval/rel_velocity_error"], errors["eval/rel_velocity_error_ema"])
+
+    if start_step == 0:
+        evaluate(0)
+    step = start_step
+    try:
+        for step in range(start_step, cfg.train.steps):
+            rows = np.random.default_rng([cfg.train.seed, step]).integers(0, len(x0_all), cfg.train.batch_size)
+            mine = rows[local_rows]
+            text, mask = pad_text([contexts[row_prompt[r]] for r in mine], text_len)
+            x0_global = local_to_global(jnp.asarray(x0_all[mine]), mesh)
+            x_t, t, x_t_teacher = prepare_fn(state.rng, jnp.int32(step), x0_global)
+
+            # torch teacher on this rank's shard (zero-copy both ways where devices match)
+            t_local = torch.from_numpy(np.asarray(global_to_local(t)).copy())
+            latents = [x.to(teacher.device) for x in jax_to_teacher_inputs(global_to_local(x_t_teacher))]
+            target = teacher.targets(latents, t_local, [contexts[row_prompt[r]] for r in mine])
+            target_global = local_to_global(teacher_outputs_to_jax(target), mesh)
+
+            batch = dict(x_t=x_t, t=t, text=local_to_global(jnp.asarray(text), mesh),
+                         text_mask=local_to_global(jnp.asarray(mask), mesh), target=target_global)
+            state, metrics = step_fn(state, batch)
+            pending.append(metrics)
+            window_steps += 1
+            if cfg.train.nan_policy == "stop" and bool(jax.device_get(metrics["skipped"])):
+                raise TrainingError(
+                    f"non-finite teacher output or loss at step {step}; stopping (--train.nan_policy=stop). "
+                    f"The last good checkpoint in {checkpointer.directory} is kept."
+                )
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                host = jax.device_get(pending)
+                elapsed = time.perf_counter() - window_start
+                # Skipped (non-finite) steps report NaN loss on purpose; average the applied steps.
+                applied = [m for m in host if not m["skipped"]] or host
+                scalars = {k: float(np.mean([m[k] for m in applied])) for k in host[0]}
+                scalars["skipped"] = float(np.sum([m["skipped"] for m in host]))
+                scalars["samples_per_s"] = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
+                writer.write(done, scalars)
+                summary.setdefault("first_loss", scalars["loss"])
+                summary["last_loss"] = scalars["loss"]
+                if progress is not None:
+                    progress.set_postfix(loss=f"{scalars['loss']:.4f}", samples_s=f"{scalars['samples_per_s']:.1f}")
+                pending, window_start, window_steps = [], time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                evaluate(done)
+            if grid is not None and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
+                grid.write(state.ema, done, workdir / "samples" / f"step_{done:07d}.png")
+            checkpointer.save(done, state, cfg_dict, force=done == cfg.train.steps)
+            if stop.requested:
+                log.warning("%s received: saving a checkpoint at step %d and exiting", stop.requested, done)
+                checkpointer.save(done, state, cfg_dict, force=True)
+                summary["interrupted"] = stop.requested
+                break
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        if progress is not None:
+            progress.close()
+    summary.update(final_step=int(jax.device_get(state.step)), wall_s=time.time() - t_start, workdir=str(workdir))
+    summary["state"] = state
+    return summary
+
+
+def _eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate):
+    """Held-out batch: every eval latent x num_noise draws x cfg.eval.timesteps, teacher targets once."""
+    import jax.numpy as jnp
+
+    from student_jax.projection import from_teacher, to_teacher
+
+    x0_16 = eval_x0["latents"].numpy()
+    prompt_index = eval_x0["prompt_index"].numpy()
+    rng = np.random.default_rng(12345)
+    rows, ts = [], []
+    for r in range(len(x0_16)):
+        for _ in range(cfg.eval.num_noise):
+            for t in cfg.eval.timesteps:
+                rows.append(r)
+                ts.append(t)
+    rows, ts = np.array(rows), np.array(ts, np.float32)
+    x0 = np.asarray(from_teacher(jnp.asarray(x0_16[rows]), cfg.student))
+    eps = rng.standard_normal(x0.shape).astype(np.float32)
+    s = (ts / 1000.0)[:, None, None, None]
+    x_t = ((1 - s) * x0 + s * eps).astype(np.float32)  # student space [E, C, h, w]
+    x_t16 = torch.from_numpy(np.asarray(to_teacher(jnp.asarray(x_t), cfg.student)).copy())
+    ctx = [eval_contexts[prompt_index[r]] for r in rows]
+    targets = []
+    for i in range(0, len(rows), 16):  # teacher in chunks of 16
+        chunk = [x[:, None].to(teacher.device) for x in x_t16[i : i + 16]]
+        targets += [o[:, 0].float().cpu() for o in teacher.targets(chunk, torch.from_numpy(ts[i : i + 16]), ctx[i : i + 16])]
+    text, mask = pad_text(ctx, text_len)
+    return dict(x_t=replicate(x_t), t=replicate(ts), text=replicate(text), text_mask=replicate(mask),
+                target=replicate(torch.stack(targets).numpy()))
+
+
+class _GridMaker:
+    """PNG grids: per held-out prompt, the teacher's sample and the student's from the same noise."""
+
+    def __init__(self, cfg, wan_config, pipe, teacher, eval_contexts, context_null, text_len, latent_hw, guide,
+                 replicate, is_main, model, student_sample, to_teacher):
+        import jax
+        import jax.numpy as jnp
+
+        k = min(cfg.eval.grid_prompts, len(eval_contexts))
+        noise = np.random.default_rng(777).standard_normal((k, cfg.student.latent_channels, *latent_hw)).astype(np.float32)
+        text, mask = pad_text(eval_contexts[:k], text_len)
+        self.pipe, self.is_main = pipe, is_main
+        self.inputs = (replicate(noise), replicate(text), replicate(mask))
+        self.to_teacher = jax.jit(functools.partial(to_teacher, cfg=cfg.student))
+        self.sample = functools.partial(
+            student_sample, model=model, steps=cfg.eval.sample_steps, shift=wan_config.sample_shift,
+            solver=cfg.eval.sample_solver)
+        self.teacher_images = None
+        if is_main:
+            noise16 = torch.from_numpy(np.asarray(to_teacher(jnp.asarray(noise), cfg.student)).copy())[:, :, None]
+            g = guide if cfg.train.loss == "cfg" else (1.0, 1.0)
+            x0 = pipe.sample(noise16, eval_contexts[:k], [context_null] * k, sampling_steps=cfg.eval.sample_steps,
+                             shift=wan_config.sample_shift, guide_scale=g)
+            self.teacher_images = [to_uint8(v[:, 0]) for v in pipe.vae.decode(list(x0))]
+
+    def write(self, params, step: int, path: Path) -> None:
+        import jax
+
+        noise, text, mask = self.inputs
+        x0 = self.sample(params, noise=noise, text=text, text_mask=mask)  # all ranks run the jitted sampler
+        x0_16 = np.asarray(jax.device_get(self.to_teacher(x0)))
+        if not self.is_main:
+            return
+        latents = [torch.from_numpy(z.copy())[:, None].to(self.pipe.device) for z in x0_16]
+        student = [to_uint8(v[:, 0]) for v in self.pipe.vae.decode(latents)]
+        save_grid(path, [[t, s] for t, s in zip(self.teacher_images, student)])
