@@ -36,8 +36,9 @@ class TeacherConfig:
     """Wan2.2-T2V-A14B release folder; empty: build the tiny teacher in data.cache_dir (CPU default)."""
     config: str = ""
     """Config JSON for the release; empty: the folder's config_*.json if present, else t2v-A14B."""
-    device_strategy: Annotated[Literal["gpu", "cpu"], _alias("--teacher_device_strategy")] = "gpu"
-    """gpu: teacher on this rank's GPU (CPU when none); cpu: teacher on the CPU (slow, saves GPU memory)."""
+    device_strategy: Annotated[Literal["gpu", "gpu0", "cpu", "balanced"], _alias("--teacher_device_strategy")] = "gpu"
+    """gpu (= the seed's gpu0): teacher on this rank's GPU (CPU when none); cpu: teacher on the CPU (slow,
+    saves GPU memory); balanced (FSDP over GPUs) is not supported yet."""
     dtype: Annotated[Literal["bfloat16", "float32"], _alias("--teacher_dtype")] = "bfloat16"
     """DiT weights/compute dtype on GPU (bf16 autocast as upstream); the CPU always runs float32."""
     on_cpu: Annotated[bool, _alias("--teacher_on_cpu")] = False
@@ -193,6 +194,17 @@ def validate(cfg: Config) -> None:
         problems.append("--data.source=images needs --data.image_dir")
     if cfg.preset == "a14b" and not cfg.teacher.path:
         problems.append("the a14b preset needs --teacher_path /path/to/Wan2.2-T2V-A14B")
+    if cfg.teacher.device_strategy == "balanced":
+        problems.append(
+            "--teacher_device_strategy balanced (the teacher sharded over GPUs with FSDP) is not supported yet; "
+            "use gpu (one teacher copy per GPU) or cpu"
+        )
+    patch = cfg.student.patch_size
+    if (cfg.data.height // 8) % patch or (cfg.data.width // 8) % patch:
+        problems.append(
+            f"the latent size {(cfg.data.height // 8, cfg.data.width // 8)} (image / 8) must be divisible by "
+            f"--student.patch_size={patch}"
+        )
     if cfg.student.teacher_channels != 16:
         problems.append(f"--student.teacher_channels must be 16 (the Wan VAE latent space), got {cfg.student.teacher_channels}")
     if problems:

@@ -135,7 +135,7 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
         rt.barrier()
         folder = tiny_release(cache, prompts + eval_prompts)
     wan_config = release_config(folder, cfg.teacher.config)
-    device = rt.torch_device if cfg.teacher.device_strategy == "gpu" else torch.device("cpu")
+    device = torch.device("cpu") if cfg.teacher.device_strategy == "cpu" else rt.torch_device
     log.info("teacher: %s on %s (%s)", folder, device, cfg.teacher.dtype)
     pipe = build_pipeline(folder, wan_config, device, cfg.teacher.dtype, cfg.teacher.on_cpu)
     tid = teacher_id(folder, wan_config, cfg.teacher.dtype)

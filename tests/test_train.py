@@ -183,6 +183,28 @@ def test_bad_resolution_and_shapes():
         config_lib.parse(["--student.teacher_channels", "8"])
     with pytest.raises(SystemExit, match="a14b preset needs --teacher_path"):
         config_lib.parse(["--preset", "a14b"])
+    with pytest.raises(SystemExit, match=r"must be divisible by --student.patch_size=3"):
+        config_lib.parse(["--student.patch_size", "3"])
+    with pytest.raises(SystemExit, match="balanced .* is not supported yet"):
+        config_lib.parse(["--teacher_device_strategy", "balanced"])
+
+
+def test_image_folder_source(tmp_path, cache_dir):
+    """x0 from an image folder (captions beside the images) encoded by the Wan VAE."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red square", "a blue circle", "green stripes"]):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(caption)
+    summary = train(_cfg(tmp_path / "img", cache_dir, "--train.steps", "2", "--data.source", "images",
+                         "--data.image_dir", str(images)))
+    assert summary["final_step"] == 2
+    (images / "img0.txt").unlink()
+    with pytest.raises(DataError, match="has no caption file img0.txt"):
+        train(_cfg(tmp_path / "img2", cache_dir, "--data.source", "images", "--data.image_dir", str(images)))
 
 
 def test_empty_prompt_file(tmp_path, cache_dir):
