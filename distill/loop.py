@@ -162,23 +162,22 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
     steps_gen = cfg.data.gen_steps or wan_config.sample_steps
     gen_args = dict(size=size, steps=steps_gen, shift=wan_config.sample_shift, guide_scale=guide)
 
+    def shared_cache(path, build):
+        """Rank 0 builds (or finds) the cache entry; every rank then reads the same file."""
+        if rt.is_main:
+            cached_latents(path, build)
+        rt.barrier()
+        return cached_latents(path, build)
+
     def x0_dataset(kind, ctxs, seed):
         key = [tid, kind, [str(c.shape) for c in ctxs], sorted(prompts if kind == "train" else eval_prompts),
                cfg.data.samples_per_prompt, gen_args, seed, n_prompt]
-        path = latent_cache_path(cache, kind, key)
-        if rt.is_main:
-            cached_latents(path, lambda: teacher_latents(pipe, ctxs, context_null, cfg.data.samples_per_prompt,
-                                                         seed=seed, **gen_args))
-        rt.barrier()
-        return cached_latents(path, lambda: (_ for _ in ()).throw(TrainingError(f"missing cache {path}")))
+        return shared_cache(latent_cache_path(cache, kind, key), lambda: teacher_latents(
+            pipe, ctxs, context_null, cfg.data.samples_per_prompt, seed=seed, **gen_args))
 
     if cfg.data.source == "images":
-        key = [tid, [str(p) for p, _ in pairs], size]
-        path = latent_cache_path(cache, "images", key)
-        if rt.is_main:
-            cached_latents(path, lambda: image_latents(pipe.vae, pairs, prompts, size))
-        rt.barrier()
-        train_x0 = cached_latents(path, lambda: image_latents(pipe.vae, pairs, prompts, size))
+        path = latent_cache_path(cache, "images", [tid, [str(p) for p, _ in pairs], size])
+        train_x0 = shared_cache(path, lambda: image_latents(pipe.vae, pairs, prompts, size))
     else:
         train_x0 = x0_dataset("train", contexts, cfg.train.seed)
     eval_x0 = x0_dataset("eval", eval_contexts, cfg.train.seed + 1)
