@@ -133,6 +133,11 @@ class Runtime:
       jax_device: this process's JAX device (the same GPU as ``torch_device`` on CUDA).
       mesh: ``jax.sharding.Mesh`` over every process's devices, axis ``"data"``, ordered by rank.
       torch_backend: ``"nccl"`` / ``"gloo"`` when a torch process group exists, else ``None``.
+      dp, sp, dp_rank, sp_rank: the rank grid ``world = dp x sp``; rank = dp_rank * sp + sp_rank, so an
+        sp group is ``sp`` consecutive ranks (the teacher's sequence-parallel group; the student is
+        data-parallel over all ranks whatever sp is).
+      torch_mesh: the torch ``DeviceMesh`` of shape (dp, sp), dims ("dp", "sp"), for the teacher
+        (``None`` in a single process).
 
     Build it with ``Runtime.from_env()`` first thing in the process, before any JAX computation.
     """
@@ -148,10 +153,18 @@ class Runtime:
         mesh: Mesh,
         torch_backend: str | None = None,
         jax_distributed: bool = False,
+        sp: int = 1,
+        torch_mesh=None,
     ):
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
+        self.sp = sp
+        self.dp = world_size // sp
+        self.sp_rank = rank % sp
+        self.dp_rank = rank // sp
+        self.torch_mesh = torch_mesh
+        self.usable_gpu_bytes = 0.0  # set by from_env on CUDA: what this process may use of its GPU
         self.torch_device = torch_device
         self.jax_device = jax_device
         self.mesh = mesh
@@ -173,21 +186,33 @@ class Runtime:
         return (
             f"Runtime(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
             f"torch_device={self.torch_device}, jax_device={self.jax_device}, mesh_shape={dict(self.mesh.shape)}, "
-            f"torch_backend={self.torch_backend})"
+            f"dp={self.dp}, sp={self.sp}, torch_backend={self.torch_backend})"
         )
 
     @classmethod
-    def from_env(cls, jax_memory_fraction: float | None = 0.35, *, device: str = "auto") -> Runtime:
+    def from_env(cls, jax_memory_fraction: float | None = 0.35, *, device: str = "auto", sp: int = 1,
+                 gpu_memory_bytes: float | None = None) -> Runtime:
         """Set up torch.distributed, jax.distributed, device pinning and the mesh from the launcher's env.
 
         Args:
           jax_memory_fraction: on CUDA, the share of GPU memory JAX may take (XLA_PYTHON_CLIENT_MEM_FRACTION);
             the rest is the torch teacher's. ``None`` leaves the variable as the environment has it.
           device: ``"auto"`` (CUDA when torch sees a GPU), ``"cuda"`` (error if unavailable) or ``"cpu"``.
+          sp: the teacher's sequence-parallel group size; must divide the world size (dp = world / sp).
+          gpu_memory_bytes: on CUDA, the memory this process may use on its GPU (None: the whole card).
+            torch is capped at (1 - jax_memory_fraction) of it (``set_per_process_memory_fraction``) and
+            JAX at jax_memory_fraction of it, so both together stay within it (e.g. 80e9 to plan for an
+            80 GB card on a larger one). ``usable_gpu_bytes`` says what was applied.
         """
         if jax_memory_fraction is not None and not 0.0 < jax_memory_fraction <= 1.0:
             raise ValueError(f"jax_memory_fraction must be in (0, 1], got {jax_memory_fraction}")
         launch = read_launch_env()
+        if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1 or launch.world_size % sp:
+            raise ValueError(
+                f"sequence-parallel size {sp!r} must be a positive divisor of the number of processes "
+                f"({launch.world_size}): dp x sp = world; use --teacher.sp with one of "
+                f"{[d for d in range(1, launch.world_size + 1) if launch.world_size % d == 0]}"
+            )
         platform = _resolve_platform(device)
         multi_process = launch.world_size > 1
         jax_started = _jax_backends_initialized()
@@ -209,6 +234,11 @@ class Runtime:
                 )
             torch_device = torch.device("cuda", launch.local_rank)
             torch.cuda.set_device(torch_device)
+            total = torch.cuda.get_device_properties(torch_device).total_memory
+            usable = float(total if gpu_memory_bytes is None else min(gpu_memory_bytes, total))
+            if jax_memory_fraction is not None and gpu_memory_bytes is not None:
+                torch.cuda.set_per_process_memory_fraction(usable * (1 - jax_memory_fraction) / total, torch_device)
+                jax_memory_fraction = jax_memory_fraction * usable / total
             if jax_started:
                 warnings.warn(
                     "JAX was initialised before Runtime.from_env(): its GPU memory fraction and device list are "
@@ -225,6 +255,7 @@ class Runtime:
                     jax.config.update("jax_cuda_visible_devices", str(launch.local_rank))
         else:
             torch_device = torch.device("cpu")
+            usable = float(gpu_memory_bytes or 0.0)
             if not jax_started and torch.cuda.is_available():
                 jax.config.update("jax_platforms", "cpu")  # device='cpu' forced on a GPU machine
 
@@ -279,6 +310,11 @@ class Runtime:
             mesh_devices = jax.devices(jax_backend)
         mesh_devices = sorted(mesh_devices, key=lambda d: (d.process_index, d.id))
         mesh = Mesh(np.array(mesh_devices), (DATA_AXIS,))
+        torch_mesh = None
+        if multi_process:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            torch_mesh = init_device_mesh(platform, (launch.world_size // sp, sp), mesh_dim_names=("dp", "sp"))
         runtime = cls(
             rank=launch.rank,
             world_size=launch.world_size,
@@ -288,7 +324,10 @@ class Runtime:
             mesh=mesh,
             torch_backend=torch_backend,
             jax_distributed=multi_process,
+            sp=sp,
+            torch_mesh=torch_mesh,
         )
+        runtime.usable_gpu_bytes = usable
         logger.info("%r", runtime)
         return runtime
 

@@ -37,8 +37,14 @@ class TeacherConfig:
     config: str = ""
     """Config JSON for the release; empty: the folder's config_*.json if present, else t2v-A14B."""
     device_strategy: Annotated[Literal["gpu", "gpu0", "cpu", "balanced"], _alias("--teacher_device_strategy")] = "gpu"
-    """gpu (= the seed's gpu0): teacher on this rank's GPU (CPU when none); cpu: teacher on the CPU (slow,
-    saves GPU memory); balanced (FSDP over GPUs) is not supported yet."""
+    """gpu (= the seed's gpu0): a whole teacher on each rank's GPU (CPU when none); balanced: both experts and
+    umT5 sharded over all GPUs with FSDP2 (each rank holds 1/world); cpu: teacher on the CPU (slow)."""
+    sp: int = 1
+    """Ulysses sequence-parallel group size for the teacher (a divisor of the number of processes): each
+    group of sp ranks runs the teacher on the group's samples, each rank holding 1/sp of the tokens."""
+    offload: bool = False
+    """One expert on the GPU at a time, the other in pinned host memory, swapped asynchronously at expert
+    changes (halves the teacher's GPU memory; pair with expert-phased batches, --train.expert_phase_steps)."""
     dtype: Annotated[Literal["bfloat16", "float32"], _alias("--teacher_dtype")] = "bfloat16"
     """DiT weights/compute dtype on GPU (bf16 autocast as upstream); the CPU always runs float32."""
     on_cpu: Annotated[bool, _alias("--teacher_on_cpu")] = False
@@ -92,7 +98,14 @@ class TrainConfig:
     sample_every: int = 500
     """Write a PNG grid of student vs teacher samples every N steps (0: never)."""
     jax_memory_fraction: float = 0.3
-    """Share of GPU memory JAX may take; the torch teacher gets the rest."""
+    """Share of the usable GPU memory JAX (the student) may take; the torch teacher gets the rest."""
+    gpu_memory_gb: float = 0.0
+    """Usable GPU memory per GPU in GB (1e9 bytes); 0: the whole card. Caps torch and JAX together, e.g. 80 to
+    plan for (and emulate) an 80 GB card on a larger one, or to share a GPU."""
+    expert_phase_steps: int = -1
+    """Expert-phased batches: every run of K steps draws all its timesteps from one expert's range (the expert
+    picked with the probability the timestep density gives it), so one expert serves K steps and swaps are
+    rare. 0: off (each sample routed by its own timestep); -1: 8 with --teacher.offload, else off."""
 
 
 @dataclass
@@ -144,11 +157,12 @@ def a14b() -> Config:
     return Config(
         preset="a14b",
         workdir="runs/a14b",
-        student=student_preset("small"),
+        student=student_preset("small", remat=True),  # the student is ~3% of a step: memory matters more
         optim=OptimConfig(lr=1e-4, warmup_steps=1000, total_steps=100_000, end_lr_ratio=0.1, weight_decay=0.01,
                           clip_norm=1.0, ema_decay=0.9999),
         data=DataConfig(prompts="", eval_prompts="", height=1024, width=1024, samples_per_prompt=1, gen_steps=40),
-        train=TrainConfig(steps=100_000, batch_size=8, log_every=20, eval_every=1000, sample_every=2000),
+        train=TrainConfig(steps=100_000, batch_size=8, log_every=20, eval_every=1000, sample_every=2000,
+                          jax_memory_fraction=0.4),
         ckpt=CheckpointConfig(every=1000, keep=3),
     )
 
@@ -194,11 +208,19 @@ def validate(cfg: Config) -> None:
         problems.append("--data.source=images needs --data.image_dir")
     if cfg.preset == "a14b" and not cfg.teacher.path:
         problems.append("the a14b preset needs --teacher_path /path/to/Wan2.2-T2V-A14B")
-    if cfg.teacher.device_strategy == "balanced":
+    if cfg.teacher.offload and cfg.teacher.device_strategy in ("balanced", "cpu"):
         problems.append(
-            "--teacher_device_strategy balanced (the teacher sharded over GPUs with FSDP) is not supported yet; "
-            "use gpu (one teacher copy per GPU) or cpu"
+            f"--teacher.offload swaps experts between host and GPU for a whole teacher per GPU; with "
+            f"--teacher_device_strategy {cfg.teacher.device_strategy} drop --teacher.offload"
         )
+    if cfg.teacher.sp < 1:
+        problems.append(f"--teacher.sp must be >= 1, got {cfg.teacher.sp}")
+    if cfg.train.expert_phase_steps < -1:
+        problems.append(f"--train.expert_phase_steps must be -1 (auto), 0 (off) or K >= 1, got {cfg.train.expert_phase_steps}")
+    if not 0 < cfg.train.jax_memory_fraction < 1:
+        problems.append(f"--train.jax_memory_fraction must be in (0, 1), got {cfg.train.jax_memory_fraction}")
+    if cfg.train.gpu_memory_gb < 0:
+        problems.append(f"--train.gpu_memory_gb must be >= 0 (0: the whole card), got {cfg.train.gpu_memory_gb}")
     patch = cfg.student.patch_size
     if (cfg.data.height // 8) % patch or (cfg.data.width // 8) % patch:
         problems.append(

@@ -88,13 +88,18 @@ class EmbeddingCache:
     def missing(self, prompts: list[str]) -> list[str]:
         return sorted({p for p in prompts if not self.path(p).is_file()})
 
-    def fill(self, prompts: list[str], encode: Callable[[list[str]], list[torch.Tensor]], batch: int = 8) -> int:
-        """Encode and store the prompts not cached yet; returns how many were encoded."""
+    def fill(self, prompts: list[str], encode: Callable[[list[str]], list[torch.Tensor]], batch: int = 8,
+             write: bool = True) -> int:
+        """Encode and store the prompts not cached yet; returns how many were encoded.
+
+        write=False encodes without storing (the other ranks of a sharded encoder, which must take part
+        in every call while rank 0 writes)."""
         todo = self.missing(prompts)
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
             for prompt, emb in zip(chunk, encode(chunk)):
-                _atomic_save({"context": emb}, self.path(prompt), metadata={"prompt": prompt})
+                if write:
+                    _atomic_save({"context": emb}, self.path(prompt), metadata={"prompt": prompt})
         return len(todo)
 
     def get(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -111,14 +116,16 @@ def latent_cache_path(cache_dir: str | os.PathLike, kind: str, key_parts: list) 
     return Path(cache_dir) / "x0" / f"{kind}_{_digest(*key_parts)[:20]}.safetensors"
 
 
-def cached_latents(path: Path, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Load a latent dataset, or build and store it first."""
+def cached_latents(path: Path, build: Callable[[], dict[str, torch.Tensor]],
+                   write: bool = True) -> dict[str, torch.Tensor]:
+    """Load a latent dataset, or build (and, with write, store) it first."""
     if path.is_file():
         entry = _load(path)
         if entry is not None:
             return entry
     data = build()
-    _atomic_save(data, path)
+    if write:
+        _atomic_save(data, path)
     return data
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import signal
 import sys
@@ -34,7 +35,9 @@ from .data import (
     pad_text,
     teacher_latents,
 )
+from .memory import MemoryPlanError, check as check_memory, plan_memory
 from .metrics import MetricsWriter, save_grid, to_uint8
+from .phases import ExpertPhases
 from .teacher import Teacher, build_pipeline, free_text_encoder, release_config, teacher_id
 from .tiny_teacher import tiny_release
 
@@ -54,14 +57,66 @@ def _setup_logging(is_main: bool) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax chatter about unrestored items
 
 
-def _prepare_batch(rng, step, x0_teacher, *, shift, student_cfg):
-    """x0 in teacher space [B,16,H,W] -> student-space x_t, t, and the teacher's input x_t [B,16,H,W]."""
+def _prepare_batch(rng, step, x0_teacher, band=None, *, shift, student_cfg):
+    """x0 in teacher space [B,16,H,W] -> student-space x_t, t, and the teacher's input x_t [B,16,H,W].
+
+    band: the expert phase's timestep band (distill.phases), or None for the whole density."""
     from student_jax.projection import from_teacher, to_teacher
     from student_jax.train_step import make_noisy_batch
 
     x0 = from_teacher(x0_teacher, student_cfg)
-    noisy = make_noisy_batch(rng, step, x0, shift)
+    noisy = make_noisy_batch(rng, step, x0, shift, band)
     return noisy["x_t"], noisy["t"], to_teacher(noisy["x_t"], student_cfg)
+
+
+class _StudentStep:
+    """The student's model, optimizer, abstract state, shardings and jitted (or AOT-compiled) train step."""
+
+    def __init__(self, cfg: Config, rt, latent_hw, text_len: int):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from student_jax.model import Student
+        from student_jax.optim import make_optimizer
+        from student_jax.state import abstract_train_state
+        from student_jax.train_step import train_step
+
+        self.model = Student(cfg.student)
+        # The schedule spans the run; a warmup longer than a (short, test) run is cut to its length.
+        self.optim_cfg = dataclasses.replace(cfg.optim, total_steps=cfg.train.steps,
+                                             warmup_steps=min(cfg.optim.warmup_steps, cfg.train.steps))
+        self.tx = make_optimizer(self.optim_cfg)
+        self.replicated = NamedSharding(rt.mesh, P())
+        self.sharded = NamedSharding(rt.mesh, P("data"))
+        self.abstract = abstract_train_state(cfg.student, self.optim_cfg, latent_hw, text_len)
+        self.state_shardings = jax.tree_util.tree_map(lambda _: self.replicated, self.abstract)
+        batch_shardings = {k: self.sharded for k in ("x_t", "t", "text", "text_mask", "target")}
+        self.step_fn = jax.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx, ema_decay=self.optim_cfg.ema_decay,
+                              nan_policy="skip"),
+            in_shardings=(self.state_shardings, batch_shardings),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
+        b, c, (h, w) = cfg.train.batch_size, cfg.student.latent_channels, latent_hw
+        shapes = dict(x_t=((b, c, h, w), np.float32), t=((b,), np.float32),
+                      text=((b, text_len, cfg.student.text_dim), np.float32), text_mask=((b, text_len), bool),
+                      target=((b, cfg.student.teacher_channels, h, w), np.float32))
+        self.abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharded)
+                               for k, (shape, dtype) in shapes.items()}
+
+    def compile_and_check(self, plan, cfg) -> float | None:
+        """Compile the step ahead of time (the loop then runs this executable); with a memory plan,
+        check XLA's figure for it against the JAX budget and return it (bytes)."""
+        import jax
+
+        from .memory import check_compiled
+
+        state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       self.abstract, self.state_shardings)
+        compiled = self.step_fn.lower(state, self.abstract_batch).compile()
+        self.step_fn = compiled
+        return None if plan is None else check_compiled(compiled, plan, cfg)
 
 
 class _Stop:
@@ -85,7 +140,12 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the distillation described by `cfg`; returns a summary of the run."""
     from bridge.runtime import Runtime
 
-    rt = Runtime.from_env(jax_memory_fraction=cfg.train.jax_memory_fraction)
+    gpu_bytes = cfg.train.gpu_memory_gb * 1e9 if cfg.train.gpu_memory_gb > 0 else None
+    try:
+        rt = Runtime.from_env(jax_memory_fraction=cfg.train.jax_memory_fraction, sp=cfg.teacher.sp,
+                              gpu_memory_bytes=gpu_bytes)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     _setup_logging(rt.is_main)
     stop = _Stop()  # from the start: a SIGTERM during setup stops at the first step boundary
     try:
@@ -98,16 +158,13 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, rt, stop: _Stop) -> dict:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from bridge.dlpack import global_to_local, jax_to_teacher_inputs, local_to_global, teacher_outputs_to_jax
     from student_jax.checkpoint import Checkpointer
-    from student_jax.model import Student
-    from student_jax.optim import make_optimizer
     from student_jax.projection import to_teacher
     from student_jax.sampler import sample as student_sample
-    from student_jax.state import abstract_train_state, create_train_state
-    from student_jax.train_step import eval_velocity_error, train_step
+    from student_jax.state import create_train_state
+    from student_jax.train_step import eval_velocity_error
 
     t_start = time.time()
     workdir = Path(cfg.workdir)
@@ -135,22 +192,43 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
         rt.barrier()
         folder = tiny_release(cache, prompts + eval_prompts)
     wan_config = release_config(folder, cfg.teacher.config)
-    device = torch.device("cpu") if cfg.teacher.device_strategy == "cpu" else rt.torch_device
-    log.info("teacher: %s on %s (%s)", folder, device, cfg.teacher.dtype)
-    pipe = build_pipeline(folder, wan_config, device, cfg.teacher.dtype, cfg.teacher.on_cpu)
+    if rt.platform == "cuda":
+        plan = plan_memory(cfg, wan_config, rt.world_size, rt.usable_gpu_bytes, rt.is_main)
+        if rt.is_main:
+            log.info("%s", plan.describe())
+        try:
+            check_memory(plan, cfg, rt.world_size)
+        except MemoryPlanError as error:
+            raise SystemExit(f"error: {error}") from None
+    else:
+        plan = None
+    latent_hw = (cfg.data.height // 8, cfg.data.width // 8)
+    # the student step is compiled ahead, before the teacher takes any memory: on GPU XLA's own figure
+    # for it is checked against the JAX budget
+    student = _StudentStep(cfg, rt, latent_hw, wan_config.text_len)
+    try:
+        need = student.compile_and_check(plan, cfg)
+    except MemoryPlanError as error:
+        raise SystemExit(f"error: {error}") from None
+    if need is not None and rt.is_main:
+        log.info("compiled student step: %.2f GB (XLA), JAX budget %.2f GB", need / 1e9, plan.jax_budget / 1e9)
+    log.info("teacher: %s, strategy %s, sp %d, offload %s (%s)", folder, cfg.teacher.device_strategy,
+             cfg.teacher.sp, cfg.teacher.offload, cfg.teacher.dtype)
+    pipe = build_pipeline(folder, wan_config, cfg.teacher, rt)
+    collective = pipe.dit_fsdp or pipe.sp_size > 1  # every rank must take part in each teacher call
     tid = teacher_id(folder, wan_config, cfg.teacher.dtype)
     guide = tuple(cfg.teacher.guide_scale or wan_config.sample_guide_scale)
     n_prompt = cfg.teacher.n_prompt or wan_config.sample_neg_prompt
     size = (cfg.data.width, cfg.data.height)
-    latent_hw = (cfg.data.height // 8, cfg.data.width // 8)
     text_len = wan_config.text_len
     if cfg.student.max_text_len < text_len:
         raise SystemExit(f"error: --student.max_text_len={cfg.student.max_text_len} is below the teacher's text_len {text_len}")
 
     # ------------------------------------------------------------ caches: text, then x0 latents
     embeddings = EmbeddingCache(cache, tid)
-    if rt.is_main:
-        encoded = embeddings.fill(prompts + eval_prompts + [n_prompt], pipe.encode_text)
+    rt.barrier()  # everyone sees the same cache state before deciding what to encode
+    if rt.is_main or pipe.t5_fsdp:  # a sharded encoder needs every rank; only rank 0 writes
+        encoded = embeddings.fill(prompts + eval_prompts + [n_prompt], pipe.encode_text, write=rt.is_main)
         log.info("text embeddings: %d encoded, %d cached in %s", encoded,
                  len(set(prompts + eval_prompts + [n_prompt])) - encoded, embeddings.folder)
     rt.barrier()
@@ -163,7 +241,13 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
     gen_args = dict(size=size, steps=steps_gen, shift=wan_config.sample_shift, guide_scale=guide)
 
     def shared_cache(path, build):
-        """Rank 0 builds (or finds) the cache entry; every rank then reads the same file."""
+        """Rank 0 builds (or finds) the cache entry; every rank then reads the same file. A distributed
+        teacher needs every rank in each call, so then all ranks build and rank 0 writes."""
+        if collective:
+            rt.barrier()
+            data = cached_latents(path, build, write=rt.is_main)
+            rt.barrier()
+            return data
         if rt.is_main:
             cached_latents(path, build)
         rt.barrier()
@@ -185,20 +269,11 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
              len(eval_x0["latents"]), tuple(train_x0["latents"].shape[1:]))
     teacher = Teacher(pipe, cfg.train.loss, guide, context_null)
 
-    # ------------------------------------------------------------ student, optimizer, state, checkpoints
-    scfg = cfg.student
-    model = Student(scfg)
-    # The schedule spans the run; a warmup longer than a (short, test) run is cut to its length.
-    optim_cfg = dataclasses.replace(cfg.optim, total_steps=cfg.train.steps,
-                                    warmup_steps=min(cfg.optim.warmup_steps, cfg.train.steps))
-    tx = make_optimizer(optim_cfg)
-    mesh = rt.mesh
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P("data"))
+    # ------------------------------------------------------------ student state, checkpoints
+    scfg, model, optim_cfg = cfg.student, student.model, student.optim_cfg
+    mesh, replicated, sharded = rt.mesh, student.replicated, student.sharded
+    abstract, state_shardings = student.abstract, student.state_shardings
     init_rng = jax.random.key(cfg.train.seed)
-
-    abstract = abstract_train_state(scfg, optim_cfg, latent_hw, text_len)
-    state_shardings = jax.tree_util.tree_map(lambda _: replicated, abstract)
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.ckpt.keep,
                                 save_interval_steps=cfg.ckpt.every, async_save=cfg.ckpt.async_save)
     cfg_dict = config_lib.to_dict(cfg)
@@ -221,16 +296,17 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
         state = init(init_rng)
     start_step = int(jax.device_get(state.step))
 
-    batch_shardings = dict(x_t=sharded, t=sharded, text=sharded, text_mask=sharded, target=sharded)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, ema_decay=optim_cfg.ema_decay, nan_policy="skip"),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    step_fn = student.step_fn
+    phase_steps = cfg.train.expert_phase_steps
+    if phase_steps < 0:
+        phase_steps = 8 if cfg.teacher.offload else 0
+    phases = ExpertPhases(phase_steps, cfg.data.timestep_shift, wan_config.boundary, cfg.train.seed)
+    if phases.enabled:
+        log.info("expert-phased batches: %d steps per phase, high-noise expert with p = %.3f", phase_steps,
+                 phases.p_high)
     prepare_fn = jax.jit(
         functools.partial(_prepare_batch, shift=cfg.data.timestep_shift, student_cfg=scfg),
-        in_shardings=(replicated, replicated, sharded),
+        in_shardings=(replicated, replicated, sharded) + ((replicated,) if phases.enabled else ()),
         out_shardings=(sharded, sharded, sharded),
     )
 
@@ -238,19 +314,23 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
         return jax.make_array_from_callback(array.shape, replicated, lambda index: array[index])
 
     # ------------------------------------------------------------ held-out set: fixed prompts, noise, timesteps
-    eval_batch = _eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate)
+    eval_batch = _eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate,
+                             chunk=cfg.train.batch_size // rt.world_size * rt.sp)
     eval_fn = jax.jit(functools.partial(eval_velocity_error, model=model), in_shardings=(replicated, replicated),
                       out_shardings=replicated)
 
     # ------------------------------------------------------------ sample grid: teacher images once
     grid = _GridMaker(cfg, wan_config, pipe, teacher, eval_contexts, context_null, text_len, latent_hw, guide,
-                      replicate, rt.is_main, model, student_sample, to_teacher) if cfg.train.sample_every else None
+                      replicate, rt.is_main, model, student_sample, to_teacher,
+                      collective) if cfg.train.sample_every else None
 
     # ------------------------------------------------------------ the loop
     writer = MetricsWriter(workdir, enabled=rt.is_main)
     x0_all = train_x0["latents"].numpy()  # [N, 16, h, w]
     row_prompt = train_x0["prompt_index"].numpy()
     local_rows = rt.batch_slice(cfg.train.batch_size)
+    per_rank = cfg.train.batch_size // rt.world_size
+    group_rows = slice(rt.dp_rank * rt.sp * per_rank, (rt.dp_rank + 1) * rt.sp * per_rank)  # this sp group's
     summary = {"start_step": start_step}
     progress = None
     if rt.is_main:
@@ -280,13 +360,19 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
             mine = rows[local_rows]
             text, mask = pad_text([contexts[row_prompt[r]] for r in mine], text_len)
             x0_global = local_to_global(jnp.asarray(x0_all[mine]), mesh)
-            x_t, t, x_t_teacher = prepare_fn(state.rng, jnp.int32(step), x0_global)
+            band = phases.band(step)
+            x_t, t, x_t_teacher = prepare_fn(state.rng, jnp.int32(step), x0_global,
+                                             *(() if band is None else (band,)))
 
-            # torch teacher on this rank's shard (zero-copy both ways where devices match)
+            # torch teacher on this rank's shard (zero-copy both ways where devices match); with sp > 1
+            # the teacher runs once per sp group on the group's rows
             t_local = torch.from_numpy(np.asarray(global_to_local(t)).copy())
             latents = [x.to(teacher.device) for x in jax_to_teacher_inputs(global_to_local(x_t_teacher))]
-            target = teacher.targets(latents, t_local, [contexts[row_prompt[r]] for r in mine])
+            target = teacher.group_targets(latents, t_local, [contexts[row_prompt[r]] for r in rows[group_rows]])
             target_global = local_to_global(teacher_outputs_to_jax(target), mesh)
+            upcoming = phases.expert(step + 1)
+            if upcoming is not None and pipe.residency.mode == "swap" and upcoming != pipe.residency.active:
+                pipe.residency.prefetch(upcoming)  # the copy overlaps the student step queued next
 
             batch = dict(x_t=x_t, t=t, text=local_to_global(jnp.asarray(text), mesh),
                          text_mask=local_to_global(jnp.asarray(mask), mesh), target=target_global)
@@ -307,6 +393,8 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
                 scalars = {k: float(np.mean([m[k] for m in applied])) for k in host[0]}
                 scalars["skipped"] = float(np.sum([m["skipped"] for m in host]))
                 scalars["samples_per_s"] = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
+                if pipe.residency.mode == "swap":
+                    scalars["teacher/expert_swaps"] = float(pipe.residency.swaps)
                 writer.write(done, scalars)
                 summary.setdefault("first_loss", scalars["loss"])
                 summary["last_loss"] = scalars["loss"]
@@ -332,12 +420,27 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
         if progress is not None:
             progress.close()
     summary.update(final_step=int(jax.device_get(state.step)), wall_s=time.time() - t_start, workdir=str(workdir))
+    if pipe.residency.mode == "swap":
+        summary["expert_swaps"] = pipe.residency.swaps
+        summary["expert_swap_ms"] = pipe.residency.swap_ms()
+    if rt.platform == "cuda":
+        summary["torch_peak_gb"] = torch.cuda.max_memory_allocated(rt.torch_device) / 1e9
+        stats = rt.jax_device.memory_stats() or {}
+        summary["jax_peak_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
+        if rt.is_main:
+            log.info("peak GPU memory: torch %.2f GB, JAX %.2f GB", summary["torch_peak_gb"], summary["jax_peak_gb"])
+    if rt.is_main:  # what the run did, for people and scripts (the state itself is in checkpoints/)
+        (workdir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))
     summary["state"] = state
     return summary
 
 
-def _eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate):
-    """Held-out batch: every eval latent x num_noise draws x cfg.eval.timesteps, teacher targets once."""
+def _eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate, chunk: int):
+    """Held-out batch: every eval latent x num_noise draws x cfg.eval.timesteps, teacher targets once.
+
+    The teacher sees the rows in chunks of `chunk` (the training teacher batch, so evaluation never
+    needs more activation memory than a step), high-noise rows first so that a chunk rarely mixes
+    experts (with --teacher.offload every mixed chunk would swap them)."""
     import jax.numpy as jnp
 
     from student_jax.projection import from_teacher, to_teacher
@@ -358,10 +461,14 @@ def _eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate):
     x_t = ((1 - s) * x0 + s * eps).astype(np.float32)  # student space [E, C, h, w]
     x_t16 = torch.from_numpy(np.asarray(to_teacher(jnp.asarray(x_t), cfg.student)).copy())
     ctx = [eval_contexts[prompt_index[r]] for r in rows]
-    targets = []
-    for i in range(0, len(rows), 16):  # teacher in chunks of 16
-        chunk = [x[:, None].to(teacher.device) for x in x_t16[i : i + 16]]
-        targets += [o[:, 0].float().cpu() for o in teacher.targets(chunk, torch.from_numpy(ts[i : i + 16]), ctx[i : i + 16])]
+    order = np.argsort(-ts, kind="stable")  # high-noise expert's rows first
+    targets = [None] * len(rows)
+    for i in range(0, len(rows), chunk):
+        part = order[i : i + chunk]
+        latents = [x_t16[j][:, None].to(teacher.device) for j in part]
+        outs = teacher.targets(latents, torch.from_numpy(ts[part]), [ctx[j] for j in part])
+        for j, o in zip(part, outs):
+            targets[j] = o[:, 0].float().cpu()
     text, mask = pad_text(ctx, text_len)
     return dict(x_t=replicate(x_t), t=replicate(ts), text=replicate(text), text_mask=replicate(mask),
                 target=replicate(torch.stack(targets).numpy()))
@@ -371,7 +478,7 @@ class _GridMaker:
     """PNG grids: per held-out prompt, the teacher's sample and the student's from the same noise."""
 
     def __init__(self, cfg, wan_config, pipe, teacher, eval_contexts, context_null, text_len, latent_hw, guide,
-                 replicate, is_main, model, student_sample, to_teacher):
+                 replicate, is_main, model, student_sample, to_teacher, collective=False):
         import jax
         import jax.numpy as jnp
 
@@ -385,12 +492,13 @@ class _GridMaker:
             student_sample, model=model, steps=cfg.eval.sample_steps, shift=wan_config.sample_shift,
             solver=cfg.eval.sample_solver)
         self.teacher_images = None
-        if is_main:
+        if is_main or collective:  # a distributed teacher samples on every rank; rank 0 decodes
             noise16 = torch.from_numpy(np.asarray(to_teacher(jnp.asarray(noise), cfg.student)).copy())[:, :, None]
             g = guide if cfg.train.loss == "cfg" else (1.0, 1.0)
             x0 = pipe.sample(noise16, eval_contexts[:k], [context_null] * k, sampling_steps=cfg.eval.sample_steps,
                              shift=wan_config.sample_shift, guide_scale=g)
-            self.teacher_images = [to_uint8(v[:, 0]) for v in pipe.vae.decode(list(x0))]
+            if is_main:
+                self.teacher_images = [to_uint8(v[:, 0]) for v in pipe.vae.decode(list(x0))]
 
     def write(self, params, step: int, path: Path) -> None:
         import jax

@@ -35,13 +35,32 @@ def teacher_id(folder: Path, config, dtype: str) -> str:
     return _digest([file_identity(f) for f in files if f.is_file()], config.text_len, dtype)[:16]
 
 
-def build_pipeline(folder: Path, config, device: torch.device, dtype: str, t5_on_cpu: bool) -> WanT2V:
+def build_pipeline(folder: Path, config, teacher_cfg, rt) -> WanT2V:
+    """`WanT2V` placed as `--teacher_device_strategy`, `--teacher.sp` and `--teacher.offload` say.
+
+    gpu / gpu0: a whole teacher on this rank's GPU (bf16); balanced: experts (and umT5 unless
+    --teacher_on_cpu) sharded over every rank with FSDP2, each rank reading only its rows; cpu: the
+    teacher on the CPU in float32. sp > 1 adds Ulysses sequence parallelism inside groups of sp ranks.
+    """
     config = dict(config)
+    strategy = teacher_cfg.device_strategy
+    device = torch.device("cpu") if strategy == "cpu" else rt.torch_device
     on_gpu = device.type == "cuda"
-    config["param_dtype"] = torch.bfloat16 if (on_gpu and dtype == "bfloat16") else torch.float32
-    pipe = WanT2V(config, folder, device=device, t5_cpu=t5_on_cpu or not on_gpu, init_on_cpu=not on_gpu,
-                  convert_model_dtype=on_gpu and dtype == "bfloat16")
-    return pipe
+    bf16 = on_gpu and teacher_cfg.dtype == "bfloat16"
+    config["param_dtype"] = torch.bfloat16 if bf16 else torch.float32
+    distributed = rt.world_size > 1
+    fsdp = strategy == "balanced" and distributed
+    if strategy == "balanced" and not distributed:
+        log.info("--teacher_device_strategy balanced with one process: the whole teacher stays on this GPU")
+    t5_cpu = teacher_cfg.on_cpu or not on_gpu
+    parallel = None
+    if distributed and (fsdp or teacher_cfg.sp > 1):
+        from wan.distributed import TeacherParallel
+
+        parallel = TeacherParallel(rt.torch_mesh)
+    return WanT2V(config, folder, device=device, t5_cpu=t5_cpu, init_on_cpu=not on_gpu, convert_model_dtype=bf16,
+                  dit_fsdp=fsdp, t5_fsdp=fsdp and not t5_cpu, use_sp=teacher_cfg.sp > 1, parallel=parallel,
+                  expert_offload=teacher_cfg.offload)
 
 
 def free_text_encoder(pipe: WanT2V) -> None:
@@ -63,6 +82,7 @@ class Teacher:
         if loss not in ("velocity", "cfg"):
             raise ValueError(f"loss must be 'velocity' or 'cfg', got {loss!r}")
         self.pipe = pipe
+        self.parallel = pipe.parallel if pipe.sp_size > 1 else None
         self.loss = loss
         self.guide_scale = normalize_guide_scale(guide_scale)
         self.context_null = None if context_null is None else context_null.to(pipe.device)
@@ -77,3 +97,22 @@ class Teacher:
         contexts = [c.to(self.device) for c in contexts]
         null = [self.context_null] * len(latents) if self.loss == "cfg" else None
         return self.pipe.denoise(latents, timesteps, contexts, null, self.guide_scale)
+
+    @torch.no_grad()
+    def group_targets(self, latents: list[torch.Tensor], timesteps: torch.Tensor,
+                      group_contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Targets of this rank's samples when the teacher runs per sp group.
+
+        latents / timesteps: this rank's b samples; group_contexts: the contexts of the whole sp group's
+        samples in rank order (every rank knows which rows its group holds). The group's latents are
+        gathered, the teacher runs once on them with the sequence split over the group, and this rank
+        keeps its own b targets.
+        """
+        if self.parallel is None:
+            return self.targets(latents, timesteps, group_contexts)
+        b = len(latents)
+        group_x = self.parallel.gather_sp(torch.stack(latents))  # [sp * b, 16, 1, h, w]
+        group_t = self.parallel.gather_sp(timesteps.to(group_x.device))  # [sp * b]
+        out = self.targets(list(group_x), group_t, group_contexts)
+        mine = self.parallel.sp_rank * b
+        return out[mine : mine + b]

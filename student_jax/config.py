@@ -22,7 +22,7 @@ from dataclasses import dataclass
 __all__ = ["PRESETS", "OptimConfig", "StudentConfig", "student_preset"]
 
 _DTYPES = ("float32", "bfloat16")
-_ATTENTION_IMPLS = ("xla", "cudnn")
+_ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 def _require(condition: bool, message: str):
@@ -51,8 +51,10 @@ class StudentConfig:
     text_dim: width of the umT5 text embeddings (4096); max_text_len: longest accepted text.
     dtype: "float32", or "bfloat16" for bf16 compute with float32 parameters.
     remat: rematerialise each block in the backward pass (less activation memory, ~30% more compute).
-    attention_impl: "xla" (any backend) or "cudnn" (GPU flash attention for the unmasked
-        self-attention; needs dtype="bfloat16"). Cross-attention to the masked text always uses "xla".
+    attention_impl: "auto" (the default: "cudnn" on a GPU with dtype="bfloat16", else "xla"), "xla"
+        (any backend) or "cudnn" (GPU flash attention for the unmasked self-attention; needs
+        dtype="bfloat16"; measured on an H200 for `small`, batch 8, 1024^2: 142 ms and 38.7 GB against
+        340 ms and 126 GB with "xla"). Cross-attention to the masked text always uses "xla".
     """
 
     latent_channels: int = 16
@@ -67,7 +69,7 @@ class StudentConfig:
     dtype: str = "float32"
     projection_seed: int = 0
     remat: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         where = "StudentConfig"

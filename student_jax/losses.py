@@ -20,10 +20,13 @@ __all__ = ["S_MIN", "noisy_latents", "sample_timesteps", "velocity_loss"]
 S_MIN = 1e-3
 
 
-def sample_timesteps(rng: jax.Array, batch: int, shift: float) -> jax.Array:
+def sample_timesteps(rng: jax.Array, batch: int, shift: float, band: jax.Array | None = None) -> jax.Array:
     """Noise levels s [batch] float32: u ~ U(0, 1), s = shift*u / (1 + (shift-1)*u), clipped to [1e-3, 1].
 
     shift > 1 moves mass towards high noise (the Wan2.2 A14B config samples with shift 12).
+    band: optional [4] float32 (u_lo, u_hi, s_lo, s_hi): draw u ~ U(u_lo, u_hi) instead and clip s to
+    [s_lo, s_hi], i.e. the same density restricted to one expert's range (expert-phased batches);
+    the s clip keeps float rounding at the boundary from sending a sample to the other expert.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"sample_timesteps: batch must be an int >= 1, got {batch!r}")
@@ -31,8 +34,13 @@ def sample_timesteps(rng: jax.Array, batch: int, shift: float) -> jax.Array:
     if isinstance(shift, bool) or (isinstance(shift, (int, float)) and not shift > 0):
         raise ValueError(f"sample_timesteps: shift must be a number > 0, got {shift!r}")
     u = jax.random.uniform(rng, (batch,), dtype=jnp.float32)  # [B]
+    if band is not None:
+        u = band[0] + (band[1] - band[0]) * u
     s = shift * u / (1 + (shift - 1) * u)
-    return jnp.clip(s, S_MIN, 1.0)  # [B]
+    s = jnp.clip(s, S_MIN, 1.0)  # [B]
+    if band is not None:
+        s = jnp.clip(s, band[2], band[3])
+    return s
 
 
 def noisy_latents(x0: jax.Array, eps: jax.Array, s: jax.Array) -> jax.Array:

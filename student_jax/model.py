@@ -127,6 +127,8 @@ class Attention(nn.Module):
 
         if context_mask is None:
             implementation = cfg.attention_impl
+            if implementation == "auto":
+                implementation = "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
             out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)  # [B, N, heads, hd]
         else:
             mask = context_mask[:, None, None, :]  # [B, 1, 1, S] broadcast over heads and queries

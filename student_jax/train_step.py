@@ -34,9 +34,10 @@ BATCH_KEYS = ("x_t", "t", "text", "text_mask", "target")
 _NAN_POLICIES = ("skip", "apply")
 
 
-def make_noisy_batch(rng: jax.Array, step, x0: jax.Array, shift: float) -> dict[str, jax.Array]:
+def make_noisy_batch(rng: jax.Array, step, x0: jax.Array, shift: float, band: jax.Array | None = None) -> dict[str, jax.Array]:
     """Noise a clean student-space batch x0 [B, C, H, W] for step `step`.
 
+    band: see `losses.sample_timesteps` (None: the whole timestep density).
     Returns dict(x_t [B, C, H, W], t [B] = 1000 * s float32, eps [B, C, H, W]); all randomness comes
     from jax.random.fold_in(rng, step), so a resumed run draws the same noise at the same step.
     """
@@ -46,7 +47,7 @@ def make_noisy_batch(rng: jax.Array, step, x0: jax.Array, shift: float) -> dict[
         )
     key = jax.random.fold_in(rng, step)
     s_key, eps_key = jax.random.split(key)
-    s = sample_timesteps(s_key, x0.shape[0], shift)  # [B]
+    s = sample_timesteps(s_key, x0.shape[0], shift, band)  # [B]
     eps = jax.random.normal(eps_key, x0.shape, dtype=x0.dtype)  # [B, C, H, W]
     return {"x_t": noisy_latents(x0, eps, s), "t": 1000.0 * s, "eps": eps}
 

@@ -173,8 +173,12 @@ def test_construction_errors(tmp_path):
     cfg = load_config(path / "config_tiny_t2v.json")
     with pytest.raises(CheckpointError, match="is not a folder"):
         WanT2V(cfg, tmp_path / "nowhere", device="cpu")
-    with pytest.raises(NotImplementedError, match="not yet supported"):
+    with pytest.raises(RuntimeError, match="dit_fsdp / t5_fsdp / use_sp need torch.distributed: launch with torchrun"):
         WanT2V(cfg, path, device="cpu", dit_fsdp=True)
+    with pytest.raises(ValueError, match="t5_fsdp shards umT5 over the GPUs and t5_cpu keeps it on the CPU"):
+        WanT2V(cfg, path, device="cpu", t5_fsdp=True, t5_cpu=True)
+    with pytest.raises(ValueError, match="dit_fsdp already shards both experts"):
+        WanT2V(cfg, path, device="cpu", dit_fsdp=True, expert_offload=True)
     broken = tmp_path / "release"
     shutil.copytree(path, broken)
     (broken / "Wan2.1_VAE.pth").unlink()

@@ -16,6 +16,7 @@ Precision follows upstream: the DiT loop runs under bf16 autocast on CUDA (float
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import math
@@ -31,8 +32,9 @@ from easydict import EasyDict
 from .checkpoint import CheckpointError
 from .configs import extensions, load_config
 from .modules.model import WanModel
-from .modules.t5 import T5EncoderModel
+from .modules.t5 import T5Config, T5EncoderModel
 from .modules.vae2_1 import Wan2_1_VAE
+from .offload import ExpertResidency
 from .utils.fm_solvers import FlowDPMSolverMultistepScheduler, get_sampling_sigmas, retrieve_timesteps
 from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler
 
@@ -41,15 +43,15 @@ log = logging.getLogger(__name__)
 SAMPLE_SOLVERS = ("unipc", "dpm++")
 
 
-def _t5_sizes(config) -> dict:
-    """T5 sizes the config states explicitly (extensions); the rest are inferred from the weights."""
-    given = dict(config.get("extensions", None) or {})
-    names = {
-        "t5_vocab_size": "vocab_size", "t5_dim": "dim", "t5_dim_attn": "dim_attn", "t5_dim_ffn": "dim_ffn",
-        "t5_num_heads": "num_heads", "t5_num_layers": "num_layers", "t5_num_buckets": "num_buckets",
-        "t5_shared_pos": "shared_pos",
-    }
-    return {arg: given[key] for key, arg in names.items() if key in given}
+def _stated_extensions(config) -> dict:
+    """The config's own `extensions` (no defaults filled): sizes it does not state come from the weights."""
+    return {k: v for k, v in dict(config.get("extensions", None) or {}).items() if not k.startswith("_")}
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def normalize_guide_scale(guide_scale) -> tuple[float, float]:
@@ -63,7 +65,17 @@ def normalize_guide_scale(guide_scale) -> tuple[float, float]:
 
 
 class WanT2V:
-    """Text-to-video (and 1-frame text-to-image) with the two-expert Wan2.2 A14B model."""
+    """Text-to-video (and 1-frame text-to-image) with the two-expert Wan2.2 A14B model.
+
+    Distributed (under torchrun, after `dist.init_process_group`): `dit_fsdp` / `t5_fsdp` shard the
+    experts / umT5 with FSDP2 over every rank, each rank reading only its rows from the checkpoint;
+    `use_sp` runs Ulysses sequence parallelism inside the sp groups of `parallel` (a
+    `wan.distributed.TeacherParallel`; default: one group of all ranks, as upstream). Every rank of
+    an sp group must call with the same samples; under `dit_fsdp` every rank must call `denoise`
+    the same number of times (the experts used are agreed between ranks).
+    `expert_offload=True` keeps one expert at a time on the GPU, the other in pinned host memory
+    (`wan.offload.ExpertResidency`); upstream's per-call `offload_model` still works as there.
+    """
 
     def __init__(
         self,
@@ -78,37 +90,71 @@ class WanT2V:
         init_on_cpu: bool = True,
         convert_model_dtype: bool = False,
         device: str | torch.device | None = None,
+        parallel=None,
+        expert_offload: bool = False,
     ):
-        if t5_fsdp or dit_fsdp or use_sp:
-            raise NotImplementedError(
-                "t5_fsdp / dit_fsdp / use_sp are not yet supported by this port; run without them "
-                "(one process) until the distributed teacher lands."
-            )
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise CheckpointError(f"checkpoint_dir {checkpoint_dir} is not a folder (expected a Wan2.2 release folder)")
+        if t5_fsdp and t5_cpu:
+            raise ValueError("t5_fsdp shards umT5 over the GPUs and t5_cpu keeps it on the CPU: choose one")
+        if dit_fsdp and expert_offload:
+            raise ValueError("dit_fsdp already shards both experts over the GPUs; expert_offload is for a whole teacher "
+                             "per GPU: choose one")
         device = torch.device(device) if device is not None else torch.device(f"cuda:{device_id}")
-        self._setup(config, device, rank, t5_cpu=t5_cpu, init_on_cpu=init_on_cpu)
-        config = self.config
+        if (t5_fsdp or dit_fsdp or use_sp) and parallel is None:
+            from .distributed import TeacherParallel
 
+            parallel = TeacherParallel.from_world(sp=_world_size() if use_sp else 1, device_type=device.type)
+        if parallel is not None:
+            rank = parallel.rank
+        self._setup(config, device, rank, t5_cpu=t5_cpu, init_on_cpu=init_on_cpu)
+        self.parallel = parallel
+        self.dit_fsdp = dit_fsdp
+        config = self.config
+        dist_kwargs = {}
+        if t5_fsdp:
+            from .distributed import fsdp_local_view, shard_t5
+
+            dist_kwargs = dict(parallelize=functools.partial(shard_t5, mesh=parallel.fsdp_mesh),
+                               local_view=fsdp_local_view)
         self.text_encoder = T5EncoderModel(
             text_len=config.text_len,
             dtype=config.t5_dtype,
-            device=torch.device("cpu"),
+            device=self.device if t5_fsdp else torch.device("cpu"),
             checkpoint_path=checkpoint_dir / config.t5_checkpoint,
             tokenizer_path=checkpoint_dir / config.t5_tokenizer,
-            **_t5_sizes(config),
+            **dist_kwargs,
+            **T5Config.explicit_sizes(_stated_extensions(config)),
         )
-        vae_dim = (config.get("extensions", None) or {}).get("vae_dim")
+        self.t5_fsdp = t5_fsdp
+        vae_dim = _stated_extensions(config).get("vae_dim")
         self.vae = Wan2_1_VAE(vae_pth=str(checkpoint_dir / config.vae_checkpoint), device=self.device, dim=vae_dim)
 
         log.info("loading DiT experts from %s", checkpoint_dir)
-        self.low_noise_model = self._configure_model(
-            WanModel.from_pretrained(checkpoint_dir, subfolder=config.low_noise_checkpoint), convert_model_dtype
-        )
-        self.high_noise_model = self._configure_model(
-            WanModel.from_pretrained(checkpoint_dir, subfolder=config.high_noise_checkpoint), convert_model_dtype
-        )
+        dtype = self.param_dtype if convert_model_dtype else None
+        if self.device.type == "cpu":
+            dtype = torch.float32  # no autocast on the CPU: a bf16 release computes in float32 there
+        if dit_fsdp:
+            from .distributed import fsdp_local_view, shard_dit
+
+            half = self.param_dtype if (self.device.type == "cuda" and self.param_dtype != torch.float32) else None
+            load = dict(device=self.device, local_view=fsdp_local_view,
+                        parallelize=functools.partial(shard_dit, mesh=parallel.fsdp_mesh, param_dtype=half))
+        else:
+            on_device = not init_on_cpu and not expert_offload
+            load = dict(device=self.device if on_device else torch.device("cpu"))
+        experts = {
+            name: WanModel.from_pretrained(checkpoint_dir, subfolder=sub, torch_dtype=dtype, **load)
+            for name, sub in (("low", config.low_noise_checkpoint), ("high", config.high_noise_checkpoint))
+        }
+        if use_sp and parallel.sp > 1:
+            from .distributed import apply_sequence_parallel
+
+            for model in experts.values():
+                apply_sequence_parallel(model, parallel.sp_group)
+            self.sp_size = parallel.sp
+        self._set_experts(experts["low"], experts["high"], "swap" if expert_offload else "resident")
 
     @classmethod
     def from_modules(
@@ -117,9 +163,10 @@ class WanT2V:
         """A pipeline around already-built modules (tests, custom loading); no files are read."""
         self = cls.__new__(cls)
         self._setup(config, torch.device(device), rank, t5_cpu=False, init_on_cpu=True)
+        self.parallel, self.dit_fsdp, self.t5_fsdp = None, False, False
         self.text_encoder, self.vae = text_encoder, vae
-        self.low_noise_model = low_noise_model.eval().requires_grad_(False)
-        self.high_noise_model = high_noise_model.eval().requires_grad_(False)
+        self._set_experts(low_noise_model.eval().requires_grad_(False),
+                          high_noise_model.eval().requires_grad_(False), "resident")
         return self
 
     def _setup(self, config, device: torch.device, rank: int, t5_cpu: bool, init_on_cpu: bool) -> None:
@@ -139,13 +186,9 @@ class WanT2V:
         self.z_dim = extensions(config).vae_z_dim
         self.sp_size = 1
 
-    def _configure_model(self, model: WanModel, convert_model_dtype: bool) -> WanModel:
-        model.eval().requires_grad_(False)
-        if convert_model_dtype:
-            model.to(self.param_dtype)
-        if not self.init_on_cpu:
-            model.to(self.device)
-        return model
+    def _set_experts(self, low: WanModel, high: WanModel, mode: str) -> None:
+        self.low_noise_model, self.high_noise_model = low, high
+        self.residency = ExpertResidency({"low": low, "high": high}, self.device, mode)
 
     # ------------------------------------------------------------------ helpers
 
@@ -155,13 +198,14 @@ class WanT2V:
 
     def _prepare_model(self, name: str, offload_model: bool) -> WanModel:
         """Put expert `name` on the run device; with offloading, park the other one on the CPU."""
-        required = self.high_noise_model if name == "high" else self.low_noise_model
-        other = self.low_noise_model if name == "high" else self.high_noise_model
-        if offload_model and next(other.parameters()).device.type != "cpu":
-            other.to("cpu")
-        if next(required.parameters()).device != self.device:
-            required.to(self.device)
-        return required
+        if self.dit_fsdp:  # sharded experts are always resident
+            return self.high_noise_model if name == "high" else self.low_noise_model
+        model = self.residency.activate(name)
+        if offload_model and self.residency.mode == "resident":
+            other = self.low_noise_model if name == "high" else self.high_noise_model
+            if next(other.parameters()).device.type != "cpu":
+                other.to("cpu")
+        return model
 
     def _autocast(self):
         if self.device.type == "cuda" and self.param_dtype in (torch.bfloat16, torch.float16):
@@ -196,6 +240,8 @@ class WanT2V:
         """umT5 embeddings (list of [L_i, 4096], T5 dtype) on the run device."""
         if self.t5_cpu:
             return [c.to(self.device) for c in self.text_encoder(prompts, torch.device("cpu"))]
+        if self.t5_fsdp:  # sharded: resident on every rank, and every rank must call
+            return self.text_encoder(prompts, self.device)
         self.text_encoder.model.to(self.device)
         context = self.text_encoder(prompts, self.device)
         if offload_model:
@@ -237,11 +283,23 @@ class WanT2V:
         scales = normalize_guide_scale(guide_scale) if context_null is not None else None
 
         out: list[torch.Tensor | None] = [None] * batch
-        for name in ("high", "low"):
-            idx = [i for i in range(batch) if self.expert_for(float(timesteps[i])) == name]
-            if not idx:
+        routes = {name: [i for i in range(batch) if self.expert_for(float(timesteps[i])) == name]
+                  for name in ("high", "low")}
+        needed = [bool(routes["high"]), bool(routes["low"])]
+        if self.dit_fsdp and self.parallel is not None:
+            # every rank must run the same sharded experts (their all-gathers are collective)
+            needed = self.parallel.any_rank(needed, self.device)
+        for name, run in zip(("high", "low"), needed):
+            idx = routes[name]
+            if not run:
                 continue
             model = self._prepare_model(name, offload_model)
+            if not idx:  # another rank needs this expert: join its collectives with a throwaway sample
+                t_dummy = self.boundary * self.num_train_timesteps + (1 if name == "high" else -1)
+                with self._autocast():
+                    model([torch.zeros_like(latents[0])], t=torch.tensor([t_dummy], device=self.device),
+                          context=[context[0].new_zeros(1, context[0].shape[-1]).float()], seq_len=seq_len)
+                continue
             xs = [latents[i] for i in idx]
             ts = timesteps[idx]
             ctx = [context[i].float() for i in idx]
@@ -372,9 +430,8 @@ class WanT2V:
             noise, context, context_null, sampling_steps, shift, guide_scale, sample_solver,
             seq_len=seq_len, generator=generator, offload_model=offload_model, progress=progress,
         )
-        if offload_model:
-            self.low_noise_model.cpu()
-            self.high_noise_model.cpu()
+        if offload_model and not self.dit_fsdp:
+            self.residency.evict_all()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         if return_latents:

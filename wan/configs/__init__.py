@@ -13,6 +13,9 @@ import os
 import torch
 from easydict import EasyDict
 
+from ..modules.model import DiTConfig
+from ..modules.t5 import T5Config
+from ..modules.vae2_1 import VAEConfig
 from .wan_t2v_A14B import t2v_A14B
 from .wan_t2v_tiny import t2v_tiny
 
@@ -27,27 +30,15 @@ SIZE_CONFIGS = {
     "512*512": (512, 512),
 }
 
+# The sizes a task EasyDict leaves to code (upstream hard-codes them), as the typed configs beside each
+# module define them; `extensions` blocks use these keys.
+DIT_EXTENSION_FIELDS = ("model_type", "in_dim", "out_dim", "text_dim", "text_len")
 EXTENSION_DEFAULTS = EasyDict(
-    t5_vocab_size=256384,
-    t5_dim=4096,
-    t5_dim_attn=4096,
-    t5_dim_ffn=10240,
-    t5_num_heads=64,
-    t5_num_layers=24,
-    t5_num_buckets=32,
-    t5_shared_pos=False,
-    vae_dim=96,
-    vae_z_dim=16,
-    vae_dim_mult=(1, 2, 4, 4),
-    vae_num_res_blocks=2,
-    vae_attn_scales=(),
-    vae_temperal_downsample=(False, True, True),
-    dit_model_type="t2v",
-    dit_in_dim=16,
-    dit_out_dim=16,
-    dit_text_dim=4096,
-    dit_text_len=None,  # None: the config's text_len
+    **T5Config().extension_block(),
+    **{k: (tuple(v) if isinstance(v, list) else v) for k, v in VAEConfig().extension_block().items()},
+    **{f"dit_{f}": getattr(DiTConfig(), f) for f in DIT_EXTENSION_FIELDS},
 )
+EXTENSION_DEFAULTS.dit_text_len = None  # None: the config's text_len
 
 _DTYPE_FIELDS = ("t5_dtype", "param_dtype")
 _TUPLE_FIELDS = ("vae_stride", "patch_size", "window_size", "sample_guide_scale")
@@ -73,6 +64,32 @@ def extensions(config) -> EasyDict:
     if ext.dit_text_len is None:
         ext.dit_text_len = config.text_len
     return ext
+
+
+def t5_config(config) -> T5Config:
+    """The task's umT5 sizes (release defaults where its extensions are silent)."""
+    return T5Config(**T5Config.explicit_sizes(extensions(config)))
+
+
+def vae_config(config) -> VAEConfig:
+    return VAEConfig(**VAEConfig.explicit_sizes(extensions(config)))
+
+
+def dit_config(config, num_layers: int | None = None) -> DiTConfig:
+    """The DiT expert sizes of a task config (its EasyDict fields + dit_* extensions)."""
+    ext = extensions(config)
+    return DiTConfig(
+        **{f: ext[f"dit_{f}"] for f in DIT_EXTENSION_FIELDS},
+        patch_size=tuple(config.patch_size), dim=config.dim, ffn_dim=config.ffn_dim, freq_dim=config.freq_dim,
+        num_heads=config.num_heads, num_layers=config.num_layers if num_layers is None else num_layers,
+        window_size=tuple(config.window_size), qk_norm=config.qk_norm, cross_attn_norm=config.cross_attn_norm,
+        eps=config.eps,
+    )
+
+
+def extension_block(t5: T5Config, vae: VAEConfig, dit: DiTConfig) -> dict:
+    """The `extensions` block that records these sizes in a task config."""
+    return {**t5.extension_block(), **vae.extension_block(), **{f"dit_{f}": getattr(dit, f) for f in DIT_EXTENSION_FIELDS}}
 
 
 def load_config(path: str | os.PathLike) -> EasyDict:

@@ -7,6 +7,8 @@ Upstream hard-codes umT5-xxl and VAE sizes in code; a tiny release overrides the
 import torch
 from easydict import EasyDict
 
+from ..modules.t5 import T5Config
+from ..modules.vae2_1 import VAEConfig
 from .wan_t2v_A14B import t2v_A14B
 
 t2v_tiny = EasyDict(t2v_A14B)
@@ -24,23 +26,7 @@ t2v_tiny.update(
     param_dtype=torch.bfloat16,
 )
 t2v_tiny.extensions = EasyDict(
-    t5_vocab_size=384,
-    t5_dim=4096,
-    t5_dim_attn=64,
-    t5_dim_ffn=128,
-    t5_num_heads=4,
-    t5_num_layers=2,
-    t5_num_buckets=32,
-    t5_shared_pos=False,
-    vae_dim=16,
-    vae_z_dim=16,
-    vae_dim_mult=(1, 2, 4, 4),
-    vae_num_res_blocks=2,
-    vae_attn_scales=(),
-    vae_temperal_downsample=(False, True, True),
-    dit_model_type="t2v",
-    dit_in_dim=16,
-    dit_out_dim=16,
-    dit_text_dim=4096,
-    dit_text_len=32,
+    **T5Config(vocab=384, dim=4096, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2).extension_block(),
+    **VAEConfig(dim=16).extension_block(),
+    dit_model_type="t2v", dit_in_dim=16, dit_out_dim=16, dit_text_dim=4096, dit_text_len=32,
 )

@@ -18,21 +18,25 @@ sample's padded keys, so the outputs of valid tokens do not depend on `seq_len` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import operator
 import warnings
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_diffusers_weights, load_into, require_file
+from ..checkpoint import CheckpointError, check_state_dict, open_diffusers_weights, require_file
 from .attention import attention
 
 __all__ = [
     "WanModel",
+    "DiTConfig",
+    "AttentionCore",
     "WanAttentionBlock",
     "WanSelfAttention",
     "WanCrossAttention",
@@ -50,6 +54,70 @@ CONFIG_FIELDS = ("model_type", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim
                  "num_layers", "eps")
 CONFIG_IGNORED = ("patch_size", "cross_attn_norm", "qk_norm", "text_dim", "window_size")
 ROPE_THETA = 10000.0
+
+
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Sizes of one DiT expert: the one place they are written (defaults: a Wan2.2 A14B expert).
+
+    `config.json` of a release expert folder holds the CONFIG_FIELDS subset; a task config's
+    `extensions` block names the fields the task EasyDict lacks `dit_<field>`.
+    """
+
+    model_type: str = "t2v"
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int = 16
+    dim: int = 5120
+    ffn_dim: int = 13824
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 40
+    num_layers: int = 40
+    window_size: tuple[int, int] = (-1, -1)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+
+    def build(self) -> "WanModel":
+        """The model with these sizes, on the current default device (use `torch.device('meta')`)."""
+        return WanModel(**dataclasses.asdict(self))
+
+    def saved_fields(self) -> dict:
+        """What a release's `config.json` records (CONFIG_FIELDS)."""
+        return {k: getattr(self, k) for k in CONFIG_FIELDS}
+
+    def config_json(self) -> dict:
+        return {"_class_name": "WanModel", "_diffusers_version": "0.35.2", **self.saved_fields()}
+
+    def param_count(self) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in self.build().parameters())
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "DiTConfig":
+        """Read an expert folder's `config.json` (CONFIG_FIELDS only, as the release loader does)."""
+        config_path = require_file(Path(folder) / "config.json", "DiT config.json")
+        try:
+            raw = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"DiT config {config_path} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"DiT config {config_path} must be a JSON object; got {type(raw).__name__}")
+        class_name = raw.get("_class_name", "WanModel")
+        if class_name != "WanModel":
+            warnings.warn(f"{config_path} describes a {class_name!r}, loading it as WanModel", stacklevel=3)
+        kwargs = {k: raw[k] for k in CONFIG_FIELDS if k in raw}
+        # upstream's WanModel defaults for what config.json leaves out
+        defaults = dict(model_type="t2v", text_len=512, in_dim=16, dim=2048, ffn_dim=8192, freq_dim=256,
+                        out_dim=16, num_heads=16, num_layers=32, eps=1e-6)
+        try:
+            return cls(**{**defaults, **kwargs})
+        except TypeError as exc:
+            raise CheckpointError(f"DiT config {config_path} has invalid values {kwargs}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +234,17 @@ class WanLayerNorm(nn.LayerNorm):
         return super().forward(x.float()).type_as(x)
 
 
+class AttentionCore(nn.Module):
+    """The softmax attention of self-attention, as a parameterless module: the seam where sequence
+    parallelism is applied from outside (hooks on it swap sequence and head shards around the call).
+
+    forward(q, k, v, k_lens, window_size): q, k, v [B, L, heads, head_dim] -> [B, L, heads, head_dim].
+    """
+
+    def forward(self, q, k, v, k_lens=None, window_size=(-1, -1)):
+        return attention(q, k, v, k_lens=k_lens, window_size=window_size)
+
+
 class WanSelfAttention(nn.Module):
     """Self-attention with q/k RMS norm over the full dim, 3-D rope and per-sample key padding."""
 
@@ -185,6 +264,7 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.core = AttentionCore()
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim]; seq_lens [B] valid tokens per sample; freqs [B, L, 1, head_dim/2] rope rotations."""
@@ -192,13 +272,16 @@ class WanSelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(heads_shape)  # [B, L, heads, head_dim]
         k = self.norm_k(self.k(x)).view(heads_shape)  # [B, L, heads, head_dim]
         v = self.v(x).view(heads_shape)  # [B, L, heads, head_dim]
-        out = attention(rope_apply(q, freqs), rope_apply(k, freqs), v, k_lens=seq_lens,
-                        window_size=self.window_size)
+        out = self.core(rope_apply(q, freqs), rope_apply(k, freqs), v, seq_lens, self.window_size)
         return self.o(out.flatten(2))  # [B, L, dim]
 
 
 class WanCrossAttention(WanSelfAttention):
     """Text cross-attention: queries from the video tokens, keys/values from the embedded context."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.core  # text keys are never sequence-sharded: no seam needed here
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_lens: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, dim]; context [B, L_text, dim]; context_lens None attends to every context row."""
@@ -513,38 +596,38 @@ class WanModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, subfolder: str | None = None, torch_dtype=None,
-                        device="cpu") -> "WanModel":
+                        device="cpu", parallelize: Callable[[nn.Module], nn.Module] | None = None,
+                        local_view=None) -> "WanModel":
         """Load a diffusers-layout DiT folder (`config.json` + safetensors, single file or shards).
 
+        Build on meta -> cast -> `parallelize(model)` (e.g. FSDP from `wan.distributed`) -> allocate on
+        `device` and read each tensor (or, through `local_view`, only this rank's rows of it) straight
+        from the shards, cast on the way: no second copy of the weights ever exists in host memory.
         Only the fields in CONFIG_FIELDS are read from config.json (patch_size, cross_attn_norm,
         qk_norm, text_dim and window_size always take their defaults, as in the release). The weights
         keep the file's dtype unless `torch_dtype` is given. Returns the model in eval mode without grads.
         """
+        from ..checkpoint import cast_like_source, fill_module
+
         folder = Path(checkpoint_dir) / subfolder if subfolder else Path(checkpoint_dir)
-        config_path = require_file(folder / "config.json", "DiT config.json")
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"DiT config {config_path} is not valid JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"DiT config {config_path} must be a JSON object; got {type(raw).__name__}")
-        class_name = raw.get("_class_name", "WanModel")
-        if class_name != "WanModel":
-            warnings.warn(f"{config_path} describes a {class_name!r}, loading it as WanModel", stacklevel=2)
-        kwargs = {k: raw[k] for k in CONFIG_FIELDS if k in raw}
+        config = DiTConfig.from_folder(folder)
         try:
             with torch.device("meta"):
-                model = cls(**kwargs)
+                model = config.build()
         except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"DiT config {config_path} has invalid values {kwargs}: {exc}") from exc
-
-        state, source = load_diffusers_weights(folder)
-        load_into(model, state, source)
+            raise CheckpointError(f"DiT config {folder / 'config.json'} has invalid values "
+                                  f"{config.saved_fields()}: {exc}") from exc
+        source = open_diffusers_weights(folder)
+        check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, source.shapes(),
+                         source.description)
+        dtype = None
         if torch_dtype is not None:
             from ..configs import parse_dtype
 
-            model.to(parse_dtype(torch_dtype))
-        model.to(device)
-        model.eval()
-        model.requires_grad_(False)
+            dtype = parse_dtype(torch_dtype)
+        cast_like_source(model, source, dtype)
+        model.eval().requires_grad_(False)
+        if parallelize is not None:
+            model = parallelize(model)
+        fill_module(model, source, device, **({} if local_view is None else {"local_view": local_view}))
         return model

@@ -9,15 +9,17 @@ in the model dtype. Nothing here is distributed; `shard_fn` lets a caller wrap t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from wan.checkpoint import CheckpointError, load_into, load_torch_file
+from wan.checkpoint import CheckpointError, load_torch_file
 
 from .tokenizers import HuggingfaceTokenizer
 
@@ -29,21 +31,72 @@ __all__ = [
     "T5RelativeEmbedding",
     "T5Encoder",
     "T5EncoderModel",
+    "T5Config",
+    "UMT5_XXL_CONFIG",
     "relative_position_buckets",
     "umt5_xxl",
 ]
 
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """Sizes of a umT5 encoder: the one place they are written (defaults: the released umT5-xxl).
+
+    A release config's `extensions` block names them `t5_<field>` (`t5_vocab_size` for `vocab`);
+    `from_extensions` and `extension_block` are the only translation between the two spellings.
+    """
+
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    shared_pos: bool = False
+    dropout: float = 0.1
+
+    EXTENSION_NAMES = {"vocab": "t5_vocab_size"}  # class constant (not a field): field -> extension key
+
+    @classmethod
+    def extension_key(cls, field: str) -> str:
+        return cls.EXTENSION_NAMES.get(field, f"t5_{field}")
+
+    @classmethod
+    def size_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "dropout")
+
+    @classmethod
+    def explicit_sizes(cls, extensions: dict) -> dict:
+        """The sizes an `extensions` block states (field -> value); absent ones are left out."""
+        return {f: extensions[cls.extension_key(f)] for f in cls.size_fields() if cls.extension_key(f) in extensions}
+
+    def extension_block(self) -> dict:
+        return {self.extension_key(f): getattr(self, f) for f in self.size_fields()}
+
+    def build(self) -> "T5Encoder":
+        """The encoder with these sizes, on the current default device (use `torch.device('meta')`)."""
+        return T5Encoder(**dataclasses.asdict(self))
+
+    def param_count(self) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in self.build().parameters())
+
+
+UMT5_XXL_CONFIG = T5Config()
+# upstream's builder keywords (vocab_size / encoder_layers / decoder_layers), derived from the config
 UMT5_XXL = dict(
-    vocab_size=256384,
-    dim=4096,
-    dim_attn=4096,
-    dim_ffn=10240,
-    num_heads=64,
-    encoder_layers=24,
-    decoder_layers=24,
-    num_buckets=32,
-    shared_pos=False,
-    dropout=0.1,
+    vocab_size=UMT5_XXL_CONFIG.vocab,
+    dim=UMT5_XXL_CONFIG.dim,
+    dim_attn=UMT5_XXL_CONFIG.dim_attn,
+    dim_ffn=UMT5_XXL_CONFIG.dim_ffn,
+    num_heads=UMT5_XXL_CONFIG.num_heads,
+    encoder_layers=UMT5_XXL_CONFIG.num_layers,
+    decoder_layers=UMT5_XXL_CONFIG.num_layers,
+    num_buckets=UMT5_XXL_CONFIG.num_buckets,
+    shared_pos=UMT5_XXL_CONFIG.shared_pos,
+    dropout=UMT5_XXL_CONFIG.dropout,
 )
 MAX_DISTANCE = 128  # relative distances beyond this share the last log bucket
 
@@ -331,7 +384,7 @@ def umt5_xxl(
     text_len = overrides.pop("text_len", None)
     overrides.pop("decoder_layers", None)
 
-    config = {_ENCODER_ALIASES.get(k, k): v for k, v in UMT5_XXL.items() if k != "decoder_layers"}
+    config = dataclasses.asdict(UMT5_XXL_CONFIG)
     for key, value in overrides.items():
         name = _ENCODER_ALIASES.get(key, key)
         if name not in config:
@@ -346,19 +399,6 @@ def umt5_xxl(
     if tokenizer_path is None:
         raise ValueError("umt5_xxl(return_tokenizer=True) needs tokenizer_path=<local google/umt5-xxl folder>")
     return model, HuggingfaceTokenizer(tokenizer_path, seq_len=text_len, clean="whitespace")
-
-
-# T5EncoderModel size keyword -> T5Encoder constructor argument.
-_SIZE_KEYS = {
-    "vocab_size": "vocab",
-    "dim": "dim",
-    "dim_attn": "dim_attn",
-    "dim_ffn": "dim_ffn",
-    "num_heads": "num_heads",
-    "num_layers": "num_layers",
-    "num_buckets": "num_buckets",
-    "shared_pos": "shared_pos",
-}
 
 
 def infer_sizes(state: dict[str, torch.Tensor], source: str) -> dict:
@@ -394,8 +434,11 @@ class T5EncoderModel:
 
     text_len: tokenizer length (512 in the pipeline). checkpoint_path: the `.pth` state dict.
     tokenizer_path: local folder with tokenizer.json. shard_fn(model) -> model wraps the loaded
-    encoder (FSDP); without it the encoder moves to `device`. Sizes (vocab_size, dim, dim_attn,
-    dim_ffn, num_heads, num_layers, num_buckets, shared_pos) default to the checkpoint's shapes.
+    encoder (upstream's FSDP hook); `parallelize(meta_model) -> model` instead shards the encoder
+    while it is still on meta, and `local_view` then says which rows of each tensor this rank reads
+    (`wan.distributed` provides both), so no rank ever holds the whole encoder. Sizes (`T5Config`
+    field names: vocab, dim, dim_attn, dim_ffn, num_heads, num_layers, num_buckets, shared_pos)
+    default to the checkpoint's shapes.
     """
 
     def __init__(
@@ -406,11 +449,15 @@ class T5EncoderModel:
         checkpoint_path: str | os.PathLike | None = None,
         tokenizer_path: str | os.PathLike | None = None,
         shard_fn: Callable[[nn.Module], nn.Module] | None = None,
+        parallelize: Callable[[nn.Module], nn.Module] | None = None,
+        local_view=None,
         **sizes,
     ):
-        unknown = sorted(set(sizes) - set(_SIZE_KEYS))
+        from wan.checkpoint import StateDictSource, cast_like_source, check_state_dict, fill_module
+
+        unknown = sorted(set(sizes) - set(T5Config.size_fields()))
         if unknown:
-            raise TypeError(f"T5EncoderModel got unknown size arguments {unknown}; known: {sorted(_SIZE_KEYS)}")
+            raise TypeError(f"T5EncoderModel got unknown size arguments {unknown}; known: {list(T5Config.size_fields())}")
         if checkpoint_path is None:
             raise ValueError("T5EncoderModel needs checkpoint_path (models_t5_umt5-xxl-enc-bf16.pth)")
         if tokenizer_path is None:
@@ -426,26 +473,30 @@ class T5EncoderModel:
         # Tokenizer first: a wrong folder fails fast, before reading gigabytes of weights.
         self.tokenizer = HuggingfaceTokenizer(name=tokenizer_path, seq_len=text_len, clean="whitespace")
 
+        # mmapped: the pages of a tensor are read only when (the part this rank owns of) it is copied
         state = load_torch_file(checkpoint_path, "umT5 encoder checkpoint")
         # Sizes not given are read off the file, so the tiny and the full release both load as-is.
-        config = {} if len(sizes) == len(_SIZE_KEYS) else infer_sizes(state, str(checkpoint_path))
-        config.update({_SIZE_KEYS[k]: v for k, v in sizes.items()})
-        # Built on meta and filled by assignment: the weights exist once (the mmapped file), not twice.
+        config = {} if len(sizes) == len(T5Config.size_fields()) else infer_sizes(state, str(checkpoint_path))
+        config = T5Config(**{**config, **sizes})
         with torch.device("meta"):
-            model = T5Encoder(**config, dropout=UMT5_XXL["dropout"])
-        load_into(model, state, str(checkpoint_path))
-        del state
+            model = config.build()
+        source = StateDictSource(state, str(checkpoint_path))
+        check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, str(checkpoint_path))
         if len(self.tokenizer) > model.vocab:
             # Otherwise the first rare token would fail deep inside the embedding lookup.
             raise CheckpointError(
                 f"tokenizer {tokenizer_path} has {len(self.tokenizer)} tokens but the token_embedding of "
                 f"{checkpoint_path} has only {model.vocab} rows; the tokenizer and checkpoint do not belong together"
             )
-        model = model.to(dtype=dtype).eval().requires_grad_(False)
+        cast_like_source(model, source, dtype)
+        model.eval().requires_grad_(False)
+        if parallelize is not None:
+            model = parallelize(model)
+        target = self.device if (shard_fn is None or parallelize is not None) else torch.device("cpu")
+        fill_module(model, source, target, **({} if local_view is None else {"local_view": local_view}))
+        del state, source
         if shard_fn is not None:
             model = shard_fn(model)
-        else:
-            model = model.to(self.device)
         self.model = model
 
     @torch.no_grad()

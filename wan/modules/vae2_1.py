@@ -18,6 +18,7 @@ Everything runs in the weights' dtype (float32 for the release); on CUDA the wra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -486,9 +487,39 @@ class WanVAE_(nn.Module):
         return outputs[0] if frames == 1 else torch.cat(outputs, dim=2)  # [B, 3, 1 + 4(T'-1), H, W]
 
 
-# Upstream's real Wan2.1 VAE configuration (the released Wan2.1_VAE.pth).
-REAL_CONFIG = dict(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                   temperal_downsample=[False, True, True], dropout=0.0)
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Sizes of a Wan2.1 VAE: the one place they are written (defaults: the released Wan2.1_VAE.pth).
+
+    A release config's `extensions` block names them `vae_<field>`.
+    """
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+
+    @classmethod
+    def size_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "dropout")
+
+    @classmethod
+    def explicit_sizes(cls, extensions: dict) -> dict:
+        return {f: extensions[f"vae_{f}"] for f in cls.size_fields() if f"vae_{f}" in extensions}
+
+    def extension_block(self) -> dict:
+        return {f"vae_{f}": (list(v) if isinstance(v := getattr(self, f), tuple) else v) for f in self.size_fields()}
+
+    def kwargs(self) -> dict:
+        """WanVAE_ constructor arguments."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# Upstream's real Wan2.1 VAE configuration (the released Wan2.1_VAE.pth), as constructor arguments.
+REAL_CONFIG = VAEConfig().kwargs()
 
 
 def _build_loaded(state: dict, source: str, device, **config) -> WanVAE_:
