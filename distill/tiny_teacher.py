@@ -16,13 +16,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from wan.synthetic import TINY, build_tokenizer, write_task_config
+from wan.synthetic import TINY, atomic_folder, build_tokenizer, write_task_config
 
 BUILDER_VERSION = 1  # bump when the recipe changes: the cache key includes it
 
@@ -71,9 +69,7 @@ def build_tiny_release(folder: str | os.PathLike, prompts: list[str], seed: int 
     from wan.modules.vae2_1 import _video_vae
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny_release_", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         vocab_size = build_tokenizer(prompts, tmp / "google" / "umt5-xxl")
         torch.manual_seed(seed)
         t5 = dataclasses.replace(T5, vocab=vocab_size, dropout=0.0).build()
@@ -87,12 +83,6 @@ def build_tiny_release(folder: str | os.PathLike, prompts: list[str], seed: int 
         _save_expert(tmp / "low_noise_model", seed + 4)
         write_task_config(tmp, DIT, dataclasses.replace(T5, vocab=vocab_size), VAE, name="config_tiny_t2v.json",
                           __name__="Config: Wan T2V tiny (wan-distill default teacher)", frame_num=1, sample_steps=8)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

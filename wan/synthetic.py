@@ -20,6 +20,7 @@ holds one shard at a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,7 +38,7 @@ from .modules.model import DiTConfig
 from .modules.t5 import T5Config
 from .modules.vae2_1 import VAEConfig
 
-__all__ = ["TINY", "build_release", "build_tokenizer", "random_state", "write_expert", "write_task_config"]
+__all__ = ["TINY", "atomic_folder", "build_release", "build_tokenizer", "random_state", "write_expert", "write_task_config"]
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 DEFAULT_PROMPTS = [
@@ -154,6 +155,23 @@ def write_task_config(folder: Path, dit: DiTConfig, t5: T5Config, vae: VAEConfig
     return path
 
 
+@contextlib.contextmanager
+def atomic_folder(folder: Path):
+    """A temporary folder beside `folder` that replaces it (one rename) when the block succeeds and is
+    removed when it fails: readers never see a half-written release."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}_", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_release(folder: str | os.PathLike, dit: DiTConfig | None = None, t5: T5Config | None = None,
                   vae: VAEConfig | None = None, prompts: list[str] | None = None, seed: int = 0,
                   dtype: torch.dtype = torch.bfloat16, device: str = "cpu", shard_bytes: int = 4 << 30) -> Path:
@@ -169,9 +187,7 @@ def build_release(folder: str | os.PathLike, dit: DiTConfig | None = None, t5: T
     vae = vae or VAEConfig()
     prompts = prompts or DEFAULT_PROMPTS
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".synthetic_", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         vocab = build_tokenizer(prompts, tmp / "google" / "umt5-xxl")
         if vocab > t5.vocab:
             raise ValueError(f"the prompts have {vocab} distinct tokens, more than the umT5 vocab {t5.vocab}")
@@ -184,12 +200,6 @@ def build_release(folder: str | os.PathLike, dit: DiTConfig | None = None, t5: T
                 meta = dit.build()
             write_expert(tmp / sub, dit, random_state(meta, seed + 2 + offset, device, dtype), shard_bytes)
         write_task_config(tmp, dit, t5, vae, frame_num=1)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
