@@ -78,7 +78,14 @@ class DataConfig:
     timestep_shift: float = 12.0
     """Shift of the training timestep density s = shift*u/(1+(shift-1)u), u~U(0,1); 12 = Wan's sampling shift."""
     cache_dir: str = "runs/cache"
-    """Text embeddings, x0 latents and the tiny teacher are cached here, shared between runs."""
+    """Text embeddings, x0 datasets (data/<kind>_<key>/) and the tiny teacher are kept here, shared between runs."""
+    trajectory_steps: int = 0
+    """Also store N latents of each sample's teacher ODE path (the latent entering N evenly spaced sampling
+    steps, and those timesteps), for objectives that learn from trajectories; 0: only x0."""
+    shard_size: int = 64
+    """Samples per data shard (the unit of work, of resumption and of the checksum)."""
+    wait_log_s: float = 300.0
+    """A rank waiting for others in the data stage logs whom it waits for (and their progress) this often."""
 
 
 @dataclass
@@ -129,6 +136,9 @@ class CheckpointConfig:
 @dataclass
 class Config:
     preset: str = "tiny"
+    stage: Literal["all", "data", "train"] = "all"
+    """data: make the teacher data (text embeddings, x0 shards) and stop; train: train on data made before
+    (an error if it is missing); all: data (resuming whatever is missing), then training."""
     workdir: str = "runs/tiny"
     """Run directory: config.json, metrics.jsonl, tb/, samples/, checkpoints/. Resumes if it holds a checkpoint."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -219,6 +229,10 @@ def validate(cfg: Config) -> None:
         problems.append(f"--train.expert_phase_steps must be -1 (auto), 0 (off) or K >= 1, got {cfg.train.expert_phase_steps}")
     if not 0 < cfg.train.jax_memory_fraction < 1:
         problems.append(f"--train.jax_memory_fraction must be in (0, 1), got {cfg.train.jax_memory_fraction}")
+    if cfg.data.trajectory_steps < 0:
+        problems.append(f"--data.trajectory_steps must be >= 0, got {cfg.data.trajectory_steps}")
+    if cfg.data.shard_size < 1:
+        problems.append(f"--data.shard_size must be >= 1, got {cfg.data.shard_size}")
     if cfg.train.gpu_memory_gb < 0:
         problems.append(f"--train.gpu_memory_gb must be >= 0 (0: the whole card), got {cfg.train.gpu_memory_gb}")
     patch = cfg.student.patch_size

@@ -1,10 +1,8 @@
-"""Training data: prompt files, the per-prompt text-embedding cache, and the x0 latent caches.
+"""Training data: prompt files, the per-prompt text-embedding cache, image folders and padded text.
 
 The umT5 encoder is 5.7B parameters, so every prompt is encoded once, saved per prompt under
-`cache_dir/text/<teacher id>/`, and the encoder is freed before training. x0 latents come either
-from teacher samples (`WanT2V.generate`, cached per dataset key) or from an image folder encoded by
-the Wan VAE. Caches are keyed by everything that changes their content, and written atomically
-(temp file + rename), so an interrupted run never leaves a half-written entry behind.
+`cache_dir/text/<teacher id>/` (written atomically: temp file + rename), and the encoder is freed
+before training. The x0 datasets (teacher samples or VAE-encoded images) are `distill.datastage`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -88,19 +85,9 @@ class EmbeddingCache:
     def missing(self, prompts: list[str]) -> list[str]:
         return sorted({p for p in prompts if not self.path(p).is_file()})
 
-    def fill(self, prompts: list[str], encode: Callable[[list[str]], list[torch.Tensor]], batch: int = 8,
-             write: bool = True) -> int:
-        """Encode and store the prompts not cached yet; returns how many were encoded.
-
-        write=False encodes without storing (the other ranks of a sharded encoder, which must take part
-        in every call while rank 0 writes)."""
-        todo = self.missing(prompts)
-        for i in range(0, len(todo), batch):
-            chunk = todo[i : i + batch]
-            for prompt, emb in zip(chunk, encode(chunk)):
-                if write:
-                    _atomic_save({"context": emb}, self.path(prompt), metadata={"prompt": prompt})
-        return len(todo)
+    def store(self, prompts: list[str], embeddings: list[torch.Tensor]) -> None:
+        for prompt, emb in zip(prompts, embeddings):
+            _atomic_save({"context": emb}, self.path(prompt), metadata={"prompt": prompt})
 
     def get(self, prompts: list[str]) -> list[torch.Tensor]:
         out = []
@@ -110,46 +97,6 @@ class EmbeddingCache:
                 raise DataError(f"text embedding of {prompt!r} is not cached in {self.folder}")
             out.append(entry["context"])
         return out
-
-
-def latent_cache_path(cache_dir: str | os.PathLike, kind: str, key_parts: list) -> Path:
-    return Path(cache_dir) / "x0" / f"{kind}_{_digest(*key_parts)[:20]}.safetensors"
-
-
-def cached_latents(path: Path, build: Callable[[], dict[str, torch.Tensor]],
-                   write: bool = True) -> dict[str, torch.Tensor]:
-    """Load a latent dataset, or build (and, with write, store) it first."""
-    if path.is_file():
-        entry = _load(path)
-        if entry is not None:
-            return entry
-    data = build()
-    if write:
-        _atomic_save(data, path)
-    return data
-
-
-def teacher_latents(pipe, contexts: list[torch.Tensor], context_null: torch.Tensor, samples_per_prompt: int,
-                    size: tuple[int, int], steps: int, shift: float, guide_scale, seed: int,
-                    batch: int = 8) -> dict[str, torch.Tensor]:
-    """x0 latents [N, 16, h, w] sampled by the teacher from cached text embeddings, + prompt index per row.
-
-    The same loop as `generate` (UniPC, both experts, CFG), fed embeddings instead of prompts so
-    the text encoder can be freed first. Noise: a CPU generator seeded with `seed`, one draw per row.
-    """
-    shape = pipe.latent_shape(size, 1)
-    jobs = [p for _ in range(samples_per_prompt) for p in range(len(contexts))]
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.stack([torch.randn(shape, generator=gen) for _ in jobs])  # [N, 16, 1, h, w]
-    latents = []
-    for start in range(0, len(jobs), batch):
-        rows = jobs[start : start + batch]
-        out = pipe.sample(
-            noise[start : start + len(rows)], [contexts[p] for p in rows], [context_null] * len(rows),
-            sampling_steps=steps, shift=shift, guide_scale=guide_scale,
-        )
-        latents.append(out[:, :, 0].float().cpu())  # [b, 16, 1, h, w] -> [b, 16, h, w]
-    return {"latents": torch.cat(latents), "prompt_index": torch.tensor(jobs)}
 
 
 def image_folder(path: str | os.PathLike) -> list[tuple[Path, str]]:
@@ -187,16 +134,6 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     image = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
     return pixels.permute(2, 0, 1)[:, None]  # [3, 1, H, W]
-
-
-def image_latents(vae, pairs: list[tuple[Path, str]], prompts: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Encode the images with the Wan VAE: x0 latents [N, 16, h, w] + prompt index per row."""
-    latents = []
-    for image, _ in pairs:
-        z = vae.encode([load_image(image, size).to(vae.device)])[0]  # [16, 1, h, w]
-        latents.append(z[:, 0].float().cpu())
-    index = [prompts.index(caption) for _, caption in pairs]
-    return {"latents": torch.stack(latents), "prompt_index": torch.tensor(index)}
 
 
 def pad_text(contexts: list[torch.Tensor], length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,16 +25,8 @@ import torch
 
 from . import config as config_lib
 from .config import Config
-from .data import (
-    EmbeddingCache,
-    cached_latents,
-    image_folder,
-    image_latents,
-    latent_cache_path,
-    load_prompts,
-    pad_text,
-    teacher_latents,
-)
+from .data import EmbeddingCache, image_folder, load_prompts, pad_text
+from .datastage import DataStage, EmbeddingLRU, Prefetcher, ShardedDataset
 from .memory import MemoryPlanError, check as check_memory, plan_memory
 from .metrics import MetricsWriter, save_grid, to_uint8
 from .phases import ExpertPhases
@@ -207,7 +199,7 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
     # for it is checked against the JAX budget
     student = _StudentStep(cfg, rt, latent_hw, wan_config.text_len)
     try:
-        need = student.compile_and_check(plan, cfg)
+        need = student.compile_and_check(plan, cfg) if cfg.stage != "data" else None
     except MemoryPlanError as error:
         raise SystemExit(f"error: {error}") from None
     if need is not None and rt.is_main:
@@ -224,49 +216,50 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
     if cfg.student.max_text_len < text_len:
         raise SystemExit(f"error: --student.max_text_len={cfg.student.max_text_len} is below the teacher's text_len {text_len}")
 
-    # ------------------------------------------------------------ caches: text, then x0 latents
+    # ------------------------------------------------------------ the data stage: text, then x0 shards
     embeddings = EmbeddingCache(cache, tid)
-    rt.barrier()  # everyone sees the same cache state before deciding what to encode
-    if rt.is_main or pipe.t5_fsdp:  # a sharded encoder needs every rank; only rank 0 writes
-        encoded = embeddings.fill(prompts + eval_prompts + [n_prompt], pipe.encode_text, write=rt.is_main)
-        log.info("text embeddings: %d encoded, %d cached in %s", encoded,
-                 len(set(prompts + eval_prompts + [n_prompt])) - encoded, embeddings.folder)
-    rt.barrier()
+    stage = DataStage(rt, pipe, cache, collective, wait_log_s=cfg.data.wait_log_s)
+    run_data = cfg.stage != "train"
+    all_prompts = prompts + eval_prompts + [n_prompt]
+    if run_data:
+        encoded = stage.embeddings(embeddings, all_prompts)
+        log.info("text embeddings: %d encoded, %d cached in %s", encoded, len(set(all_prompts)) - encoded,
+                 embeddings.folder)
+    elif embeddings.missing(all_prompts):
+        raise SystemExit(f"error: {len(embeddings.missing(all_prompts))} prompt embeddings are not cached in "
+                         f"{embeddings.folder}: run the data stage first (--stage data, or --stage all)")
     free_text_encoder(pipe)
-    contexts = embeddings.get(prompts)
+    train_contexts = EmbeddingLRU(embeddings, prompts)  # read on demand: memory independent of the prompt count
     eval_contexts = embeddings.get(eval_prompts)
     context_null = embeddings.get([n_prompt])[0]
 
     steps_gen = cfg.data.gen_steps or wan_config.sample_steps
-    gen_args = dict(size=size, steps=steps_gen, shift=wan_config.sample_shift, guide_scale=guide)
-
-    def shared_cache(path, build):
-        """Rank 0 builds (or finds) the cache entry; every rank then reads the same file. A distributed
-        teacher needs every rank in each call, so then all ranks build and rank 0 writes."""
-        if collective:
-            rt.barrier()
-            data = cached_latents(path, build, write=rt.is_main)
-            rt.barrier()
-            return data
-        if rt.is_main:
-            cached_latents(path, build)
-        rt.barrier()
-        return cached_latents(path, build)
-
-    def x0_dataset(kind, ctxs, seed):
-        key = [tid, kind, [str(c.shape) for c in ctxs], sorted(prompts if kind == "train" else eval_prompts),
-               cfg.data.samples_per_prompt, gen_args, seed, n_prompt]
-        return shared_cache(latent_cache_path(cache, kind, key), lambda: teacher_latents(
-            pipe, ctxs, context_null, cfg.data.samples_per_prompt, seed=seed, **gen_args))
-
+    gen_args = dict(teacher_id=tid, size=size, steps=steps_gen, shift=wan_config.sample_shift, guide_scale=guide,
+                    solver="unipc", samples_per_prompt=cfg.data.samples_per_prompt, n_prompt=n_prompt,
+                    trajectory_steps=cfg.data.trajectory_steps, shard_size=cfg.data.shard_size, run=run_data)
+    data_start = time.perf_counter()
     if cfg.data.source == "images":
-        path = latent_cache_path(cache, "images", [tid, [str(p) for p, _ in pairs], size])
-        train_x0 = shared_cache(path, lambda: image_latents(pipe.vae, pairs, prompts, size))
+        train_store = stage.image_latents(pairs, prompts, size, teacher_id=tid, shard_size=cfg.data.shard_size,
+                                          run=run_data)
     else:
-        train_x0 = x0_dataset("train", contexts, cfg.train.seed)
-    eval_x0 = x0_dataset("eval", eval_contexts, cfg.train.seed + 1)
-    log.info("x0 latents: %d train rows, %d held-out rows, latent %s", len(train_x0["latents"]),
-             len(eval_x0["latents"]), tuple(train_x0["latents"].shape[1:]))
+        train_store = stage.teacher_samples("train", prompts, lambda idx: [train_contexts[i] for i in idx],
+                                            context_null, seed=cfg.train.seed, **gen_args)
+    eval_store = stage.teacher_samples("eval", eval_prompts, lambda idx: [eval_contexts[i] for i in idx],
+                                       context_null, seed=cfg.train.seed + 1, **gen_args)
+    train_data, eval_data = ShardedDataset(train_store), ShardedDataset(eval_store)
+    log.info("x0 latents: %d train rows (%s), %d held-out rows (%s), latent %s", len(train_data),
+             train_store.folder, len(eval_data), eval_store.folder, train_data.latent_shape)
+    if cfg.stage == "data":
+        made = stage.generated
+        wall = time.perf_counter() - data_start
+        summary = {"stage": "data", "train_data": str(train_store.folder), "eval_data": str(eval_store.folder),
+                   "samples_generated": made, "data_wall_s": wall, "samples_per_s": made / max(wall, 1e-9)}
+        log.info("data stage: %d samples generated in %.1f s (%.2f samples/s over %d ranks)", made, wall,
+                 summary["samples_per_s"], rt.world_size)
+        if rt.is_main:
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    eval_x0 = {"latents": torch.from_numpy(eval_data.all_latents()), "prompt_index": torch.from_numpy(eval_data.prompt_index)}
     teacher = Teacher(pipe, cfg.train.loss, guide, context_null)
 
     # ------------------------------------------------------------ student state, checkpoints
@@ -326,11 +319,20 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
 
     # ------------------------------------------------------------ the loop
     writer = MetricsWriter(workdir, enabled=rt.is_main)
-    x0_all = train_x0["latents"].numpy()  # [N, 16, h, w]
-    row_prompt = train_x0["prompt_index"].numpy()
+    row_prompt = train_data.prompt_index  # [N] ints: the latents stay on disk
     local_rows = rt.batch_slice(cfg.train.batch_size)
     per_rank = cfg.train.batch_size // rt.world_size
     group_rows = slice(rt.dp_rank * rt.sp * per_rank, (rt.dp_rank + 1) * rt.sp * per_rank)  # this sp group's
+
+    def load_batch(step: int):
+        """This rank's rows of step `step` (read from the shards) and its text; runs ahead in a thread."""
+        rows = np.random.default_rng([cfg.train.seed, step]).integers(0, len(train_data), cfg.train.batch_size)
+        mine = rows[local_rows]
+        text, mask = pad_text([train_contexts[row_prompt[r]] for r in mine], text_len)
+        group_contexts = [train_contexts[row_prompt[r]] for r in rows[group_rows]]
+        return train_data.latents(mine), text, mask, group_contexts
+
+    batches = Prefetcher(load_batch, start_step, cfg.train.steps)
     summary = {"start_step": start_step}
     progress = None
     if rt.is_main:
@@ -356,10 +358,8 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
     step = start_step
     try:
         for step in range(start_step, cfg.train.steps):
-            rows = np.random.default_rng([cfg.train.seed, step]).integers(0, len(x0_all), cfg.train.batch_size)
-            mine = rows[local_rows]
-            text, mask = pad_text([contexts[row_prompt[r]] for r in mine], text_len)
-            x0_global = local_to_global(jnp.asarray(x0_all[mine]), mesh)
+            x0_mine, text, mask, group_contexts = batches.get(step)
+            x0_global = local_to_global(jnp.asarray(x0_mine), mesh)
             band = phases.band(step)
             x_t, t, x_t_teacher = prepare_fn(state.rng, jnp.int32(step), x0_global,
                                              *(() if band is None else (band,)))
@@ -368,7 +368,7 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
             # the teacher runs once per sp group on the group's rows
             t_local = torch.from_numpy(np.asarray(global_to_local(t)).copy())
             latents = [x.to(teacher.device) for x in jax_to_teacher_inputs(global_to_local(x_t_teacher))]
-            target = teacher.group_targets(latents, t_local, [contexts[row_prompt[r]] for r in rows[group_rows]])
+            target = teacher.group_targets(latents, t_local, group_contexts)
             target_global = local_to_global(teacher_outputs_to_jax(target), mesh)
             upcoming = phases.expert(step + 1)
             if upcoming is not None and pipe.residency.mode == "swap" and upcoming != pipe.residency.active:
@@ -414,6 +414,7 @@ def _train(cfg: Config, rt, stop: _Stop) -> dict:
                 summary["interrupted"] = stop.requested
                 break
     finally:
+        batches.close()
         checkpointer.wait()
         checkpointer.close()
         writer.close()

@@ -28,11 +28,15 @@ def release_config(folder: Path, config_path: str = ""):
 
 
 def teacher_id(folder: Path, config, dtype: str) -> str:
-    """A key that changes whenever the teacher's weights or numerics change (cache keys use it)."""
+    """A key that changes whenever the teacher's weights or numerics change (cache keys use it).
+
+    Built from the release's files relative to the folder (name, size, modification time), so a
+    release folder moved or copied with its times keeps its caches."""
     files = [folder / config.t5_checkpoint]
     for sub in (config.high_noise_checkpoint, config.low_noise_checkpoint):
-        files += sorted((folder / sub).glob("*.json"))
-    return _digest([file_identity(f) for f in files if f.is_file()], config.text_len, dtype)[:16]
+        files += sorted((folder / sub).glob("*"))
+    identity = [[str(f.relative_to(folder)), *file_identity(f)[1:]] for f in files if f.is_file()]
+    return _digest(identity, config.text_len, dtype)[:16]
 
 
 def build_pipeline(folder: Path, config, teacher_cfg, rt) -> WanT2V:
