@@ -33,7 +33,7 @@ class TeacherConfig:
     """The Wan teacher (torch)."""
 
     path: Annotated[str, _alias("--teacher_path")] = ""
-    """Wan2.2-T2V-A14B release folder; empty: build the tiny teacher in data.cache_dir (CPU default)."""
+    """Wan2.2-T2V-A14B release folder; empty: the shipped toy-world teacher, unpacked into data.cache_dir."""
     config: str = ""
     """Config JSON for the release; empty: the folder's config_*.json if present, else t2v-A14B."""
     device_strategy: Annotated[Literal["gpu", "gpu0", "cpu", "balanced"], _alias("--teacher_device_strategy")] = "gpu"
@@ -59,9 +59,9 @@ class TeacherConfig:
 class DataConfig:
     """Prompts, resolution and the x0 latent source."""
 
-    prompts: str = str(ASSETS / "prompts_tiny.txt")
+    prompts: str = str(ASSETS / "prompts_toy.txt")
     """Training prompts, one per line."""
-    eval_prompts: str = str(ASSETS / "prompts_tiny_eval.txt")
+    eval_prompts: str = str(ASSETS / "prompts_toy_heldout.txt")
     """Held-out prompts for evaluation and sample grids, one per line."""
     height: int = 64
     """Image height in pixels (multiple of 16 = VAE stride 8 x student/teacher patch 2)."""
@@ -78,7 +78,7 @@ class DataConfig:
     timestep_shift: float = 12.0
     """Shift of the training timestep density s = shift*u/(1+(shift-1)u), u~U(0,1); 12 = Wan's sampling shift."""
     cache_dir: str = "runs/cache"
-    """Text embeddings, x0 datasets (data/<kind>_<key>/) and the tiny teacher are kept here, shared between runs."""
+    """Text embeddings, x0 datasets (data/<kind>_<key>/) and the unpacked toy teacher are kept here, shared between runs."""
     trajectory_steps: int = 0
     """Also store N latents of each sample's teacher ODE path (the latent entering N evenly spaced sampling
     steps, and those timesteps), for objectives that learn from trajectories; 0: only x0."""
@@ -103,7 +103,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 250
     sample_every: int = 500
-    """Write a PNG grid of student vs teacher samples every N steps (0: never)."""
+    """Quality evaluation against the teacher (metrics and the PNG grid) every N steps (0: never)."""
     jax_memory_fraction: float = 0.3
     """Share of the usable GPU memory JAX (the student) may take; the torch teacher gets the rest."""
     gpu_memory_gb: float = 0.0
@@ -121,9 +121,17 @@ class EvalConfig:
     """Noise draws per held-out prompt and timestep."""
     timesteps: tuple[float, ...] = (100.0, 400.0, 700.0, 900.0, 980.0)
     """Fixed timesteps (t = 1000 s) of the held-out velocity error; both experts' ranges."""
-    sample_steps: int = 8
+    student_steps: tuple[int, ...] = (1, 2, 4, 8)
+    """Sampling steps of the student in the quality evaluation (each is scored and shown in the grid)."""
+    teacher_steps: int = 0
+    """Sampling steps of the teacher's reference samples (CFG); 0: the config's sample_steps."""
     sample_solver: Literal["unipc", "euler"] = "unipc"
+    quality_prompts: int = 8
+    """Held-out prompts of the quality evaluation (the first N of --data.eval_prompts)."""
+    quality_noises: int = 4
+    """Noises per held-out prompt (diversity is measured across them)."""
     grid_prompts: int = 4
+    """Rows of the sample grid (teacher, then the student at each of student_steps)."""
 
 
 @dataclass
@@ -154,7 +162,7 @@ class Config:
 
 
 def tiny() -> Config:
-    """CPU default: tiny built-in teacher, tiny student, 64x64 images, a few minutes on 2 cores."""
+    """CPU default: the shipped toy-world teacher, tiny student, 64x64 images, about 4.5 minutes on 2 cores."""
     return Config(
         preset="tiny",
         optim=OptimConfig(lr=1e-3, warmup_steps=50, total_steps=2000, end_lr_ratio=0.1, weight_decay=0.0,
@@ -245,6 +253,23 @@ def validate(cfg: Config) -> None:
         problems.append(f"--student.teacher_channels must be 16 (the Wan VAE latent space), got {cfg.student.teacher_channels}")
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
+
+
+def from_dict(saved: dict, overrides: list[str] | None = None) -> Config:
+    """A Config from `to_dict`'s output (a run's config.json), with optional command-line overrides."""
+    nested = {"teacher": TeacherConfig, "student": StudentConfig, "optim": OptimConfig, "data": DataConfig,
+              "train": TrainConfig, "eval": EvalConfig, "ckpt": CheckpointConfig}
+    parts = {}
+    for name, cls in nested.items():
+        values = dict(saved.get(name, {}))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        # JSON gave lists where the config holds tuples
+        parts[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
+    cfg = Config(**{k: v for k, v in saved.items() if k not in nested}, **parts)
+    if overrides:
+        cfg = tyro.cli(Config, default=cfg, args=overrides, use_underscores=True)
+    validate(cfg)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

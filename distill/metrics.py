@@ -60,3 +60,51 @@ def save_grid(path: Path, rows: list[list[np.ndarray]], pad: int = 2) -> None:
             canvas[y : y + h, x : x + w] = image
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path)
+
+
+_LINE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (120, 120, 120)]
+
+
+def plot_series(path: Path, panels: dict[str, dict[str, list[tuple[int, float | None]]]], width: int = 360,
+                height: int = 220) -> None:
+    """A PNG with one line chart per panel: `panels[title][label] = [(step, value), ...]` (None: no point).
+
+    Drawn with PIL (no plotting library needed); a "teacher" series is drawn grey.
+    """
+    from PIL import Image, ImageDraw
+
+    margin, legend = 36, 14
+    canvas = Image.new("RGB", (width * len(panels), height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for p, (title, series) in enumerate(panels.items()):
+        x0 = p * width
+        points = [(s, v) for line in series.values() for s, v in line if v is not None]
+        if not points:
+            continue
+        steps = [s for s, _ in points]
+        values = [v for _, v in points]
+        s_lo, s_hi = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+        v_lo, v_hi = min(values), max(values)
+        if v_hi - v_lo < 1e-9:
+            v_lo, v_hi = v_lo - 0.5, v_hi + 0.5
+
+        def xy(s, v):
+            return (x0 + margin + (s - s_lo) / (s_hi - s_lo) * (width - 2 * margin),
+                    height - margin - (v - v_lo) / (v_hi - v_lo) * (height - 2 * margin - legend))
+
+        draw.rectangle([x0 + margin, legend + 4, x0 + width - margin, height - margin], outline=(180, 180, 180))
+        draw.text((x0 + margin, 2), title, fill="black")
+        draw.text((x0 + 2, legend + 4), f"{v_hi:.3g}", fill="black")
+        draw.text((x0 + 2, height - margin - 10), f"{v_lo:.3g}", fill="black")
+        draw.text((x0 + margin, height - margin + 4), f"step {s_lo}", fill="black")
+        draw.text((x0 + width - margin - 60, height - margin + 4), f"{s_hi}", fill="black")
+        for i, (label, line) in enumerate(series.items()):
+            colour = (150, 150, 150) if label == "teacher" else _LINE_COLOURS[i % len(_LINE_COLOURS)]
+            pts = [xy(s, v) for s, v in line if v is not None]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+            for x, y in pts:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+            draw.text((x0 + margin + 4 + 64 * i, height - 16), label, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

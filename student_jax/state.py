@@ -35,13 +35,15 @@ __all__ = ["TrainState", "abstract_train_state", "create_train_state", "param_co
 @flax.struct.dataclass
 class TrainState:
     """step: int32 scalar (train_step calls so far); params / ema: the Student's parameter tree;
-    opt_state: make_optimizer(...)'s state; rng: uint32 [2] base key of the run."""
+    opt_state: make_optimizer(...)'s state; rng: uint32 [2] base key of the run; objective: the
+    objective's own state (`student_jax.objectives`; {} for velocity matching)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     ema: Any
     rng: jax.Array
+    objective: Any = flax.struct.field(default_factory=dict)
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:
@@ -61,8 +63,10 @@ def create_train_state(
     rng: jax.Array,
     latent_hw: tuple[int, int],
     text_len: int,
+    objective=None,
 ) -> TrainState:
-    """Initialise parameters (from `rng`), the optimizer state, the EMA (= params) and the state key.
+    """Initialise parameters (from `rng`), the optimizer state, the EMA (= params), the state key and
+    the objective's state (`objective.init`; none for None).
 
     latent_hw and text_len only size the dummy inputs of the initialising forward pass; the
     parameters themselves do not depend on them (the position embedding is computed, not learned).
@@ -76,11 +80,11 @@ def create_train_state(
             f"{type(optim_cfg).__name__})"
         )
     latent_hw = tuple(int(v) for v in latent_hw)
-    return _create_train_state(cfg, optim_cfg, _raw_key(rng), latent_hw, int(text_len))
+    return _create_train_state(cfg, optim_cfg, _raw_key(rng), latent_hw, int(text_len), objective)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
-def _create_train_state(cfg, optim_cfg, raw_key, latent_hw, text_len) -> TrainState:
+@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4, 5))
+def _create_train_state(cfg, optim_cfg, raw_key, latent_hw, text_len, objective) -> TrainState:
     init_key, state_key = jax.random.split(raw_key)
     height, width = latent_hw
     x = jnp.zeros((1, cfg.latent_channels, height, width), jnp.float32)  # [1, C, H, W]
@@ -91,14 +95,17 @@ def _create_train_state(cfg, optim_cfg, raw_key, latent_hw, text_len) -> TrainSt
     opt_state = make_optimizer(optim_cfg).init(params)
     # A real copy: params and ema must be distinct buffers because the state is donated to train_step.
     ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema=ema, rng=state_key)
+    extra = {} if objective is None else objective.init(jax.random.fold_in(init_key, 1), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema=ema, rng=state_key,
+                      objective=extra)
 
 
 def abstract_train_state(
-    cfg: StudentConfig, optim_cfg: OptimConfig, latent_hw: tuple[int, int], text_len: int
+    cfg: StudentConfig, optim_cfg: OptimConfig, latent_hw: tuple[int, int], text_len: int, objective=None
 ) -> TrainState:
     """TrainState of jax.ShapeDtypeStruct leaves (no memory, no compute): for restore and sharded init."""
-    init = functools.partial(create_train_state, cfg, optim_cfg, latent_hw=tuple(latent_hw), text_len=int(text_len))
+    init = functools.partial(create_train_state, cfg, optim_cfg, latent_hw=tuple(latent_hw), text_len=int(text_len),
+                             objective=objective)
     return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from student_jax.losses import noisy_latents, sample_timesteps, velocity_loss
+from student_jax.losses import noisy_latents, sample_timesteps
+from student_jax.objectives import VelocityMatching
 from student_jax.model import Student
 from student_jax.optim import current_learning_rate
 from student_jax.projection import to_teacher
@@ -74,8 +75,12 @@ def train_step(
     tx: optax.GradientTransformation,
     ema_decay: float,
     nan_policy: str = "skip",
+    objective=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One distillation step: MSE(to_teacher(student(x_t, t, text)), target) -> grads -> tx -> EMA.
+    """One distillation step: objective loss -> grads -> tx -> EMA -> objective update.
+
+    objective: a `student_jax.objectives` objective (default: VelocityMatching, i.e.
+    MSE(to_teacher(student(x_t, t, text)), target)); its state lives in `state.objective`.
 
     batch: x_t [B, C, H, W], t [B] (timesteps in [0, 1000]), text [B, L, text_dim], text_mask [B, L]
     bool, target [B, 16, H, W] (the teacher's velocity or CFG velocity).
@@ -89,12 +94,12 @@ def train_step(
         raise ValueError(f"train_step: nan_policy must be one of {list(_NAN_POLICIES)}, got {nan_policy!r}")
     cfg = model.cfg
     _check_batch(batch, cfg, "train_step")
+    objective = VelocityMatching() if objective is None else objective
 
     def loss_fn(params):
-        pred = model.apply({"params": params}, batch["x_t"], batch["t"], batch["text"], batch["text_mask"])
-        return velocity_loss(pred, batch["target"], cfg)
+        return objective.loss(params, state.objective, batch, model)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -106,6 +111,7 @@ def train_step(
     ema = jax.tree.map(
         lambda old, new: jnp.where(updated, ema_decay * old + (1.0 - ema_decay) * new, old), state.ema, params
     )
+    extra = objective.update(state.objective, params, updated)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(batch["target"]))
     if nan_policy == "skip":
@@ -115,16 +121,18 @@ def train_step(
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         ema = jax.tree.map(keep, ema, state.ema)
+        extra = jax.tree.map(keep, extra, state.objective)
         skipped = jnp.logical_not(finite).astype(jnp.int32)
     else:
         skipped = jnp.zeros((), jnp.int32)
 
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, objective=extra)
     metrics = {
         "loss": loss.astype(jnp.float32),
         "grad_norm": grad_norm.astype(jnp.float32),
         "lr": current_learning_rate(opt_state),
         "skipped": skipped,
+        **{f"objective/{k}": v for k, v in aux.items()},
     }
     return new_state, metrics
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from distill.datastage import ShardedDataset, ShardStore, wait_until
+from tests.tiny_random_release import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = ["--stage", "data", "--data.shard_size", "13"]  # 64 train samples -> 5 shards (the last has 12)
@@ -32,7 +33,7 @@ def _free_port() -> int:
 
 
 def _train_py(*args, nproc: int = 1, cache: Path, workdir: Path, background: bool = False):
-    cmd = [str(REPO / "train.py"), "--workdir", str(workdir), "--data.cache_dir", str(cache), *args]
+    cmd = [str(REPO / "train.py"), "--workdir", str(workdir), "--data.cache_dir", str(cache), *tiny_flags(cache), *args]
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", *cmd]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -22,6 +22,7 @@ from distill.data import DataError
 from distill.loop import TrainingError, train
 from distill.metrics import read_metrics
 from distill.teacher import Teacher
+from tests.tiny_random_release import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,9 @@ def cache_dir(tmp_path_factory):
 
 
 def _cfg(workdir, cache_dir, *flags) -> config_lib.Config:
+    """The tiny preset on the fast random-weight teacher (tests/tiny_random_release.py)."""
     return config_lib.parse([
-        "--workdir", str(workdir), "--data.cache_dir", str(cache_dir), "--train.log_every", "1",
+        "--workdir", str(workdir), "--data.cache_dir", str(cache_dir), *tiny_flags(cache_dir), "--train.log_every", "1",
         "--train.eval_every", "4", "--train.sample_every", "0", "--ckpt.every", "4", "--ckpt.no_async_save",
         *flags,
     ])
@@ -55,8 +57,24 @@ def test_tiny_default_learns(tmp_path, cache_dir):
     assert last < first - 0.05, (first, last)
     run = tmp_path / "run"
     metrics = read_metrics(run)
-    assert {"loss", "grad_norm", "lr", "samples_per_s", "skipped"} <= set(metrics[1])
+    assert {"loss", "grad_norm", "lr", "samples_per_s", "skipped"} <= set(next(m for m in metrics if "loss" in m))
     assert any("eval/rel_velocity_error_ema" in m for m in metrics)
+    quality = [m for m in metrics if "quality/student_1step/psnr_to_teacher" in m]
+    assert [m["step"] for m in quality] == [0, 60]
+    for k in (1, 2, 4, 8):
+        assert {f"quality/student_{k}step/{n}" for n in ("diversity", "saturation", "r2_to_teacher")} <= set(quality[-1])
+    assert (run / "quality.png").is_file() and (run / "summary.json").is_file()
+
+    # the standalone evaluation of the trained run: the same figures from its checkpoint
+    from distill import evaluate
+
+    assert evaluate.main(["--workdir", str(run), "--eval.student_steps", "1", "2"]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["step"] == 60
+    assert result["eval/rel_velocity_error_ema"] == pytest.approx(summary["last_eval"]["eval/rel_velocity_error_ema"],
+                                                                 rel=1e-5)
+    assert {"quality/student_1step/r2_to_teacher", "quality/student_2step/diversity"} <= set(result)
+    assert "quality/student_4step/r2_to_teacher" not in result
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "samples" / "step_0000060.png").is_file()
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 60
@@ -237,7 +255,8 @@ TORCHRUN_FLAGS = ["--train.steps", "6", "--train.batch_size", "4", "--train.log_
 @pytest.fixture(scope="module")
 def single_process_curve(tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("one")
-    single = _run_cli("--workdir", str(run), "--data.cache_dir", str(cache_dir), *TORCHRUN_FLAGS, timeout=300)
+    single = _run_cli("--workdir", str(run), "--data.cache_dir", str(cache_dir), *tiny_flags(cache_dir),
+                      *TORCHRUN_FLAGS, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     return [m["loss"] for m in read_metrics(run) if "loss" in m]
 
@@ -253,7 +272,7 @@ def test_torchrun_two_processes_matches_single(tmp_path, cache_dir, single_proce
     double = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
          str(REPO / "train.py"), "--workdir", str(tmp_path / "two"), "--data.cache_dir", str(cache_dir),
-         *TORCHRUN_FLAGS, *layout],
+         *tiny_flags(cache_dir), *TORCHRUN_FLAGS, *layout],
         capture_output=True, text=True, timeout=400, cwd=REPO, env=env,
     )
     assert double.returncode == 0, double.stderr[-3000:]
@@ -273,11 +292,13 @@ def test_sequence_parallel_needs_a_divisor_of_the_world():
 # ---------------------------------------------------------------- golden loss curve, expert phases
 
 
-def test_tiny_loss_curve_matches_golden(tmp_path, cache_dir):
-    """Today's loop reproduces the loss curve recorded before the distributed teacher (phasing off)."""
-    golden_curve = json.loads((REPO / "tests" / "assets" / "losses" / "tiny_40steps.json").read_text())
+@pytest.mark.parametrize("curve", ["tiny_40steps.json", "tiny_40steps_velocity.json"])
+def test_loss_curves_match_golden(tmp_path, cache_dir, curve):
+    """The Distiller reproduces the CFG and velocity loss curves recorded with the loop before it
+    (on the random tiny teacher, expert phases off)."""
+    golden_curve = json.loads((REPO / "tests" / "assets" / "losses" / curve).read_text())
     train(config_lib.parse(["--workdir", str(tmp_path / "g"), "--data.cache_dir", str(cache_dir),
-                            *golden_curve["flags"]]))
+                            *tiny_flags(cache_dir), *golden_curve["flags"]]))
     metrics = read_metrics(tmp_path / "g")
     losses = [m["loss"] for m in metrics if "loss" in m]
     np.testing.assert_allclose(losses, golden_curve["loss"], rtol=2e-5, atol=1e-6)

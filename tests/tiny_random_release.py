@@ -1,4 +1,7 @@
-"""Build a tiny Wan2.2-T2V release folder deterministically (the teacher of the CPU default run).
+"""A tiny random-weight Wan2.2-T2V release, built deterministically: the teacher of the golden loss curves.
+
+It was the CPU default's teacher before the trained toy-world teacher (distill/toy_teacher.py); the
+golden curves in tests/assets/losses/ were recorded on it, so it stays as a test fixture.
 
 The folder has the exact layout of the real release (tokenizer folder, umT5 `.pth`, VAE `.pth`,
 two diffusers-style expert folders with sharded safetensors + index, a JSON config whose
@@ -93,3 +96,14 @@ def tiny_release(cache_dir: str | os.PathLike, prompts: list[str], seed: int = 0
     if not (folder / "config_tiny_t2v.json").is_file():
         build_tiny_release(folder, prompts, seed)
     return folder
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PROMPTS, EVAL_PROMPTS = ASSETS / "prompts_tiny.txt", ASSETS / "prompts_tiny_eval.txt"
+
+
+def tiny_flags(cache_dir: str | os.PathLike) -> list[str]:
+    """train.py flags that run on this fast random teacher (built in `cache_dir`) and its prompts."""
+    prompts = [p.strip() for f in (PROMPTS, EVAL_PROMPTS) for p in f.read_text().splitlines() if p.strip()]
+    folder = tiny_release(cache_dir, prompts)
+    return ["--teacher_path", str(folder), "--data.prompts", str(PROMPTS), "--data.eval_prompts", str(EVAL_PROMPTS)]
