@@ -165,8 +165,8 @@ def test_rope_matches_complex_rotation():
     """Adjacent pairs, three bands with their own frequency tables, padded tokens untouched."""
     head_dim, grid, seq_len = 24, (2, 3, 4), 30
     freqs = rope_tables([grid], seq_len, head_dim, torch.device("cpu"))
-    chex.assert_shape(freqs, (1, seq_len, 1, head_dim // 2))
-    assert freqs.dtype == torch.complex128
+    chex.assert_shape(freqs, (1, seq_len, 1, head_dim // 2, 2))  # (cos, sin)
+    assert freqs.dtype == torch.float32  # float32 tables: no float64 / complex kernels per block
     x = torch.randn(1, seq_len, 2, head_dim)
     out = rope_apply(x, freqs)
     chex.assert_shape(out, (1, seq_len, 2, head_dim))

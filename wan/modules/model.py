@@ -7,7 +7,8 @@ loader for a diffusers-layout folder (`config.json` + safetensors shards).
 Precision mirrors the reference pipeline, which calls the model under CUDA bfloat16 autocast:
 the time embedding and projection, the modulation additions, the gated residual updates and the
 whole head run in float32 (an autocast region forcing float32); norms compute in float32 and cast
-back; rope runs in float64 with autocast off; linear layers and attention follow the enclosing
+back; rope angles are float64 (as upstream) but the rotation runs in float32 with autocast off (tables of
+cos/sin per shape; the golden tests bound the difference); linear layers and attention follow the enclosing
 autocast. Without autocast (CPU, golden tests) everything is plain float32.
 
 Batching: each sample may have its own latent size, timestep (t of shape [B]) or per-token timesteps
@@ -172,11 +173,13 @@ def _axis_angles(length: int, band_dim: int, device: torch.device) -> torch.Tens
 
 def rope_tables(grid_sizes: Sequence[Sequence[int]], seq_len: int, head_dim: int,
                 device: torch.device) -> torch.Tensor:
-    """Unit complex rotations exp(j * angle) [B, seq_len, 1, head_dim/2] (complex128) of every token.
+    """Rotations (cos, sin) [B, seq_len, 1, head_dim/2, 2] (float32) of every token.
 
     Token n of a sample with patch grid (F, H, W) sits at (n // (H*W), n // W % H, n % W); the
-    channel pairs of each band rotate by that band's position. Padded tokens get angle 0 (exactly 1),
-    which leaves them unchanged, as the reference does by not rotating them.
+    channel pairs of each band rotate by that band's position. The angles are computed in float64
+    (as upstream) and only their cos/sin are rounded to float32, once per shape (the model caches
+    the table), so the per-block rotation is float32 arithmetic: no float64 or complex kernels in the
+    hot path. Padded tokens get angle 0 (cos 1, sin 0), which leaves them exactly unchanged.
     """
     grids = [tuple(int(s) for s in g) for g in grid_sizes]
     longest = max(max(g) for g in grids)
@@ -190,19 +193,20 @@ def rope_tables(grid_sizes: Sequence[Sequence[int]], seq_len: int, head_dim: int
     index = index.to(device)
     angles = torch.cat([table[index[..., axis]] for axis, table in enumerate(tables)], dim=-1)  # [B, L, hd/2]
     angles = angles.unsqueeze(2)  # [B, L, 1, head_dim/2], broadcast over heads
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()  # [B, L, 1, head_dim/2, 2]
 
 
 def rope_apply(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, heads, head_dim] in float64; returns float32.
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, L, heads, head_dim] in float32; returns float32.
 
-    Each pair is the complex number x[2i] + j x[2i+1], multiplied by freqs [B, L, 1, head_dim/2]
-    (complex128, from `rope_tables`). One complex kernel keeps the float64 pass memory-light.
+    Pair (a, b) becomes (a cos - b sin, a sin + b cos) with (cos, sin) = freqs [B, L, 1, head_dim/2, 2]
+    from `rope_tables`: the complex product (a + jb) exp(j angle) upstream computes in float64.
     """
     with _no_autocast(x.device.type):
-        pairs = x.to(torch.float64).contiguous().unflatten(-1, (-1, 2))  # [B, L, heads, head_dim/2, 2]
-        rotated = torch.view_as_complex(pairs) * freqs  # [B, L, heads, head_dim/2] complex128
-        return torch.view_as_real(rotated).flatten(-2).float()  # [B, L, heads, head_dim]
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, heads, head_dim/2, 2]
+        a, b = pairs[..., 0], pairs[..., 1]  # [B, L, heads, head_dim/2]
+        cos, sin = freqs[..., 0], freqs[..., 1]  # [B, L, 1, head_dim/2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)  # [B, L, heads, head_dim]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +271,7 @@ class WanSelfAttention(nn.Module):
         self.core = AttentionCore()
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim]; seq_lens [B] valid tokens per sample; freqs [B, L, 1, head_dim/2] rope rotations."""
+        """x [B, L, dim]; seq_lens [B] valid tokens per sample; freqs [B, L, 1, head_dim/2, 2] rope (cos, sin)."""
         heads_shape = (*x.shape[:2], self.num_heads, self.head_dim)
         q = self.norm_q(self.q(x)).view(heads_shape)  # [B, L, heads, head_dim]
         k = self.norm_k(self.k(x)).view(heads_shape)  # [B, L, heads, head_dim]
@@ -538,7 +542,7 @@ class WanModel(nn.Module):
         return self.text_embedding(padded)  # [B, text_len, dim]
 
     def rope(self, grid_sizes: torch.Tensor, seq_len: int, device: torch.device) -> torch.Tensor:
-        """Rope rotations [B, seq_len, 1, head_dim/2] complex128 for these patch grids (cached for the last shapes)."""
+        """Rope (cos, sin) [B, seq_len, 1, head_dim/2, 2] float32 for these patch grids (cached for the last shapes)."""
         key = (tuple(map(tuple, grid_sizes.tolist())), seq_len, self.head_dim, str(device))
         if self._rope_cache is None or self._rope_cache[0] != key:
             self._rope_cache = (key, rope_tables(key[0], seq_len, self.head_dim, device))

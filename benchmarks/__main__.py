@@ -1,0 +1,391 @@
+"""`python -m benchmarks`: every speed figure of the project, one JSON line per figure.
+
+    python -m benchmarks                       # CPU, tiny sizes (seconds): what the test runs
+    python -m benchmarks --full --device cuda  # one GPU, A14B width, random weights
+    python -m benchmarks --figures student_step --presets small base --size 1024
+    python -m benchmarks --figures distill_step -- --teacher_path /data/synthetic --preset a14b ...
+
+Figures (each line has "figure", its sizes, and its numbers; times are medians over --iters after
+--warmup untimed runs, with the device synchronised around each):
+
+- teacher_forward: one DiT expert forward (bf16 autocast on GPU, float32 on CPU) per image size and
+  batch (1, 2 = the CFG pair): ms, TFLOP/s from the analytic FLOP count (`dit_flops`), and the share
+  of --peak-tflops when given.
+- t5_encode: the umT5 encoder on a batch of --text-len token ids: ms per prompt.
+- vae_decode: one [16, 1, h, w] latent decoded to an image: ms.
+- student_step: the jitted, donated `train_step` of each student preset at the image size: compile s,
+  ms per step, samples/s, peak device memory (GPU only).
+- bridge: the hand-off of one step's tensors between the frameworks through `bridge/` (x_t to torch,
+  the teacher's outputs to JAX): ms, and its share of the student step measured in the same run.
+- distill_step: the real loop's step (`Distiller.step`: data, noise, teacher targets, bridge, student)
+  on the run that the flags after `--` describe (default: the tests' fast random tiny teacher):
+  ms per step, samples/s per process, the teacher's ms inside it and the ratio step / teacher.
+
+Random weights everywhere (no checkpoint is read, nothing downloads); `--layers` shortens the DiT
+and states the count in every line, so a figure for fewer layers is labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+FIGURES = ("teacher_forward", "t5_encode", "vae_decode", "student_step", "bridge", "distill_step")
+
+
+def emit(figure: str, **fields) -> dict:
+    line = {"figure": figure, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in fields.items()}}
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def _timed(fn, sync, iters: int, warmup: int) -> float:
+    """Median wall ms of fn() over iters runs, synchronised before and after each."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def dit_flops(dit, tokens: int, text: int, batch: int) -> float:
+    """Matmul FLOPs of one DiT forward (2 per multiply-add; norms, modulation and rotary left out)."""
+    d, f = dit.dim, dit.ffn_dim
+    per_block = (
+        2 * 4 * tokens * d * d  # self-attention q, k, v, o projections
+        + 2 * 2 * tokens * tokens * d  # self-attention scores and weighted values
+        + 2 * 2 * tokens * d * d + 2 * 2 * text * d * d  # cross-attention q, o and k, v
+        + 2 * 2 * tokens * text * d  # cross-attention scores and weighted values
+        + 2 * 2 * tokens * d * f  # feed-forward
+    )
+    return batch * dit.num_layers * per_block
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+
+        self.args = args
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.cuda else nullcontext
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+
+    def sync(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn) -> float:
+        return _timed(fn, self.sync, self.args.iters, self.args.warmup)
+
+    def _random(self, config_build):
+        """A module built on meta and filled with small random values on the device (no init cost)."""
+        import torch
+
+        with torch.device("meta"):
+            module = config_build()
+        module = module.to_empty(device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        with torch.no_grad():
+            for p in list(module.parameters()) + list(module.buffers()):
+                if p.is_floating_point():
+                    p.normal_(0, 0.02, generator=gen)
+        return module.eval().requires_grad_(False)
+
+    # ---------------------------------------------------------------- teacher
+
+    def configs(self):
+        from wan.modules.model import DiTConfig
+        from wan.modules.t5 import T5Config
+        from wan.modules.vae2_1 import VAEConfig
+        from wan.synthetic import TINY
+
+        if self.args.full:
+            dit, t5, vae = DiTConfig(), T5Config(), VAEConfig()
+        else:
+            dit, t5, vae = TINY["dit"], TINY["t5"], TINY["vae"]
+        if self.args.layers:
+            import dataclasses
+
+            dit = dataclasses.replace(dit, num_layers=self.args.layers)
+        return dit, t5, vae
+
+    def teacher_forward(self):
+        import torch
+
+        dit, _, _ = self.configs()
+        model = self._random(dit.build)
+        if self.cuda:
+            model = model.to(torch.bfloat16)
+        text = min(self.args.text_tokens, dit.text_len)
+        for size in self.args.sizes:
+            lat = size // 8
+            tokens = (lat // 2) * (lat // 2)
+            for batch in (1, 2):
+                x = [torch.randn(16, 1, lat, lat, device=self.device) for _ in range(batch)]
+                ctx = [torch.randn(text, 4096, device=self.device, dtype=self.dtype) for _ in range(batch)]
+                t = torch.full((batch,), 900.0, device=self.device)
+
+                def run():
+                    with torch.no_grad(), self.autocast():
+                        model(x, t=t, context=ctx, seq_len=tokens)
+
+                ms = self.time(run)
+                tflops = dit_flops(dit, tokens, dit.text_len, batch) / (ms * 1e-3) / 1e12
+                extra = {"peak_fraction": tflops / self.args.peak_tflops} if self.args.peak_tflops else {}
+                emit("teacher_forward", size=size, batch=batch, tokens=tokens, layers=dit.num_layers, dim=dit.dim,
+                     device=str(self.device), ms=ms, tflops=tflops, **extra)
+        del model
+
+    def t5_encode(self):
+        import torch
+
+        _, t5, _ = self.configs()
+        model = self._random(lambda: t5.build())
+        if self.cuda:
+            model = model.to(torch.bfloat16)
+        batch, length = self.args.t5_batch, self.args.text_len
+        ids = torch.randint(0, t5.vocab, (batch, length), device=self.device)
+        mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
+
+        def run():
+            with torch.no_grad():
+                model(ids, mask)
+
+        ms = self.time(run)
+        emit("t5_encode", batch=batch, text_len=length, layers=t5.num_layers, dim=t5.dim, device=str(self.device),
+             ms=ms, ms_per_prompt=ms / batch)
+        del model
+
+    def vae_decode(self):
+        import torch
+
+        from wan.modules.vae2_1 import WanVAE_
+
+        _, _, vae = self.configs()
+        model = self._random(lambda: WanVAE_(**vae.kwargs()))
+        scale = (torch.zeros(16, device=self.device), torch.ones(16, device=self.device))
+        for size in self.args.sizes:
+            z = torch.randn(1, 16, 1, size // 8, size // 8, device=self.device)
+
+            def run():
+                with torch.no_grad(), self.autocast():
+                    model.decode(z, scale)
+
+            emit("vae_decode", size=size, dim=vae.dim, device=str(self.device), ms=self.time(run))
+        del model
+
+    # ---------------------------------------------------------------- student and bridge
+
+    def _student(self, preset: str, size: int):
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+
+        from student_jax.config import OptimConfig, student_preset
+        from student_jax.model import Student
+        from student_jax.optim import make_optimizer
+        from student_jax.state import create_train_state
+        from student_jax.train_step import train_step
+
+        cfg = student_preset(preset) if self.cuda else student_preset(preset, dtype="float32")
+        optim = OptimConfig()
+        lat, batch, text_len = size // 8, self.args.batch, self.args.text_len
+        state = create_train_state(cfg, optim, jax.random.key(0), (lat, lat), text_len)
+        keys = jax.random.split(jax.random.key(1), 3)
+        inputs = dict(
+            x_t=jax.random.normal(keys[0], (batch, cfg.latent_channels, lat, lat)),
+            t=jnp.full((batch,), 500.0),
+            text=jax.random.normal(keys[1], (batch, text_len, cfg.text_dim)).astype(jnp.bfloat16 if self.cuda else jnp.float32),
+            text_mask=jnp.ones((batch, text_len), bool),
+            target=jax.random.normal(keys[2], (batch, 16, lat, lat)),
+        )
+        step = jax.jit(functools.partial(train_step, model=Student(cfg), tx=make_optimizer(optim), ema_decay=0.999),
+                       donate_argnums=(0,))
+        start = time.perf_counter()
+        compiled = step.lower(state, inputs).compile()
+        compile_s = time.perf_counter() - start
+        return cfg, compiled, state, inputs, compile_s
+
+    def student_step(self):
+        import jax
+
+        results = {}
+        for preset in self.args.presets:
+            for size in self.args.student_sizes:
+                cfg, compiled, state, inputs, compile_s = self._student(preset, size)
+                holder = [state]
+
+                def run():
+                    holder[0], metrics = compiled(holder[0], inputs)
+                    jax.block_until_ready(metrics["loss"])
+
+                ms = self.time(run)
+                stats = jax.devices()[0].memory_stats() or {}
+                peak = stats.get("peak_bytes_in_use")
+                results[(preset, size)] = ms
+                attention = cfg.attention_impl
+                if attention == "auto":  # as student_jax.model resolves it (self-attention; cross is masked XLA)
+                    attention = "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
+                emit("student_step", preset=preset, size=size, batch=self.args.batch, text_len=self.args.text_len,
+                     dtype=cfg.dtype, self_attention=attention, compile_s=compile_s, ms=ms,
+                     samples_per_s=self.args.batch / (ms * 1e-3),
+                     peak_gb=None if peak is None else peak / 1e9)
+                del holder, state, compiled
+        return results
+
+    def bridge(self, step_ms: dict | None = None):
+        import jax
+        import torch
+
+        from bridge.dlpack import jax_to_teacher_inputs, teacher_outputs_to_jax
+
+        preset = self.args.presets[0]
+        for size in self.args.student_sizes:
+            lat, batch = size // 8, self.args.batch
+            x_t = jax.random.normal(jax.random.key(0), (batch, 16, lat, lat))
+            outputs = [torch.randn(16, 1, lat, lat, device=self.device) for _ in range(batch)]
+
+            def run():
+                jax_to_teacher_inputs(x_t)
+                jax.block_until_ready(teacher_outputs_to_jax(outputs))
+
+            ms = self.time(run)
+            if step_ms is None or (preset, size) not in step_ms:
+                step_ms = self.student_step_for(preset, size)
+            total = step_ms[(preset, size)]
+            emit("bridge", size=size, batch=batch, preset=preset, ms=ms, student_step_ms=total,
+                 percent_of_student_step=100 * ms / total)
+
+    def student_step_for(self, preset, size):
+        saved = self.args.presets, self.args.student_sizes
+        self.args.presets, self.args.student_sizes = [preset], [size]
+        try:
+            return self.student_step()
+        finally:
+            self.args.presets, self.args.student_sizes = saved
+
+    # ---------------------------------------------------------------- the real loop
+
+    def distill_step(self):
+        """`Distiller.step` of a real run, with the teacher's share timed by wrapping its target call."""
+        import tempfile
+
+        import jax
+
+        from distill.config import parse
+        from distill.distiller import Distiller
+        from distill.loop import _Stop, runtime
+
+        with tempfile.TemporaryDirectory() as tmp:
+            flags = list(self.args.train_flags)
+            if not any(f.startswith("--teacher_path") or f.startswith("--teacher.path") for f in flags):
+                sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                from tests.tiny_random_release import tiny_flags
+
+                # few sampling steps and one sample per prompt: the data stage is not what is timed
+                flags = tiny_flags(f"{tmp}/cache") + ["--data.cache_dir", f"{tmp}/cache", "--data.gen_steps", "4",
+                                                      "--data.samples_per_prompt", "1"] + flags
+            if not any(f.startswith("--workdir") for f in flags):
+                flags += ["--workdir", f"{tmp}/run"]
+            cfg = parse(flags)
+            rt = runtime(cfg)
+            stop = _Stop()
+            try:
+                d = Distiller(cfg, rt, stop)
+                d._build_training()
+                teacher_ms = []
+                inner = d.teacher.group_targets
+
+                def timed_targets(*a, **k):
+                    self.sync()
+                    start = time.perf_counter()
+                    out = inner(*a, **k)
+                    self.sync()
+                    teacher_ms.append((time.perf_counter() - start) * 1e3)
+                    return out
+
+                d.teacher.group_targets = timed_targets
+                step_ms = []
+                for i in range(self.args.warmup + self.args.iters):
+                    batch = d._load_batch(i)
+                    start = time.perf_counter()
+                    jax.block_until_ready(d.step(i, batch)["loss"])
+                    step_ms.append((time.perf_counter() - start) * 1e3)
+                steps, teach = step_ms[self.args.warmup:], teacher_ms[self.args.warmup:]
+                ms, tms = statistics.median(steps), statistics.median(teach)
+                emit("distill_step", teacher=cfg.teacher.path, size=cfg.data.height, batch=cfg.train.batch_size,
+                     student=cfg.student.hidden_size, processes=rt.world_size, ms=ms, teacher_ms=tms,
+                     step_over_teacher=ms / tms,
+                     samples_per_s_per_process=cfg.train.batch_size / rt.world_size / (ms * 1e-3))
+            finally:
+                stop.restore()
+                rt.shutdown()
+
+
+def parse_args(argv):
+    argv = list(argv)
+    train_flags = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, train_flags = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
+    p.add_argument("--full", action="store_true", help="A14B sizes (DiT, umT5-xxl, Wan2.1 VAE); default: tiny")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="image sizes of the teacher and VAE figures (default: 512 1024 with --full, else 64 128)")
+    p.add_argument("--student-sizes", type=int, nargs="+", default=None,
+                   help="image sizes of the student and bridge figures (default: 1024 with --full, else 64)")
+    p.add_argument("--layers", type=int, default=0, help="DiT layers (0: the config's)")
+    p.add_argument("--presets", nargs="+", default=None, help="student presets (default: all with --full, else tiny)")
+    p.add_argument("--batch", type=int, default=8, help="student / bridge batch")
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (default: 512 with --full, else 32)")
+    p.add_argument("--text-tokens", type=int, default=120, help="real (unpadded) text tokens in the DiT context")
+    p.add_argument("--t5-batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="measured bf16 matmul peak, for peak_fraction")
+    args = p.parse_args(argv)
+    args.train_flags = train_flags
+    args.sizes = args.sizes or ([512, 1024] if args.full else [64, 128])
+    args.student_sizes = args.student_sizes or ([1024] if args.full else [64])
+    args.presets = args.presets or (["tiny", "small", "base"] if args.full else ["tiny"])
+    args.text_len = args.text_len or (512 if args.full else 32)
+    for size in args.sizes + args.student_sizes:
+        if size % 16:
+            p.error(f"image sizes must be multiples of 16 (VAE stride 8 x patch 2), got {size}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    bench = Bench(args)
+    step_ms = None
+    for figure in FIGURES:  # in this order: the bridge's share reuses the student step just measured
+        if figure not in args.figures:
+            continue
+        if figure == "student_step":
+            step_ms = bench.student_step()
+        elif figure == "bridge":
+            bench.bridge(step_ms)
+        else:
+            getattr(bench, figure)()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
