@@ -11,8 +11,13 @@ valid one. The seed's flags (`--teacher_path`, `--teacher_device_strategy`, `--t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -188,9 +193,15 @@ def a14b() -> Config:
 PRESETS = {"tiny": tiny, "a14b": a14b}
 
 
+class _PresetParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise SystemExit(f"error: {message}\nsee --help for every option")
+
+
 def parse(argv: list[str] | None = None) -> Config:
     """`--preset NAME` and `--student_preset NAME` pick the defaults; every other flag overrides them."""
-    pre = argparse.ArgumentParser(add_help=False)
+    argv = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--debug"]  # distill.errors' flag
+    pre = _PresetParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     pre.add_argument("--student_preset", choices=list(STUDENT_PRESETS), default=None)
     known, rest = pre.parse_known_args(argv)
@@ -202,10 +213,62 @@ def parse(argv: list[str] | None = None) -> Config:
         f"`--student_preset {{{','.join(STUDENT_PRESETS)}}}` choose the defaults below (now: preset "
         f"{known.preset}); every option overrides them."
     )
-    cfg = tyro.cli(Config, default=cfg, args=rest, use_underscores=True, description=description)
+    cfg = _cli(cfg, rest, description + " `--debug` shows the traceback of an error (errors end with exit status 2).")
     cfg.preset = known.preset
     validate(cfg)
     return cfg
+
+
+def _cli(default: Config, args: list[str], description: str | None = None) -> Config:
+    """tyro's parse of `args` over `default`; a flag error becomes `SystemExit("error: ...")`, one or
+    two lines (`_flag_error`), instead of tyro's box. --help is tyro's own."""
+    if {"-h", "--help"} & set(args):
+        return tyro.cli(Config, default=default, args=args, use_underscores=True, description=description)
+    captured = io.StringIO()
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "10000"  # tyro wraps its box to the terminal: one problem, one line
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            cfg = tyro.cli(Config, default=default, args=args, use_underscores=True, description=description)
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            sys.stdout.write(captured.getvalue())
+            raise
+        raise SystemExit(_flag_error(captured.getvalue())) from None
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    sys.stderr.write(captured.getvalue())  # tyro's warnings, if any
+    return cfg
+
+
+def _flag_error(text: str) -> str:
+    """tyro's error box (as printed to a file: sections between rules of dashes; title, problem,
+    then 'Argument helptext:' or 'Perhaps you meant:', then 'For full helptext ...') -> `error: ...`,
+    the problem on the first line and what to pass on the second. Unknown layouts are passed on whole."""
+    sections, current = [], []
+    for raw in text.splitlines():
+        line = raw.strip().strip("│|").strip()
+        if line and set(line) <= set("-─━╌┄╭╮╰╯├┤"):
+            sections.append(current)
+            current = []
+        elif line:
+            current.append(line)
+    sections = [part for part in [*sections, current] if part]
+    if len(sections) < 2:
+        return "error: invalid command line\n" + text.strip()
+    problem = sections[1][0]
+    hint = "see --help for every option"
+    for part in sections[2:]:
+        if part[0].startswith("Argument helptext") and len(part) > 1:
+            default = re.search(r"\(default: [^)]*\)", " ".join(part[1:]))
+            hint = f"expected {part[1]}" + (f" {default.group(0)}" if default else "") + "; " + hint
+        elif part[0].startswith("Perhaps you meant") and len(part) > 1:
+            flags = [line.split()[0] for line in part[1:] if line.startswith("-")]
+            hint = f"did you mean {', '.join(flags[:3])}? " + hint
+    return f"error: {problem}\n{hint}"
 
 
 def validate(cfg: Config) -> None:
@@ -241,10 +304,33 @@ def validate(cfg: Config) -> None:
         problems.append(f"--data.trajectory_steps must be >= 0, got {cfg.data.trajectory_steps}")
     if cfg.data.shard_size < 1:
         problems.append(f"--data.shard_size must be >= 1, got {cfg.data.shard_size}")
+    at_least = [  # (flag, value, minimum, what the minimum means)
+        ("--train.log_every", cfg.train.log_every, 1, ""), ("--train.eval_every", cfg.train.eval_every, 1, ""),
+        ("--train.sample_every", cfg.train.sample_every, 0, " (0: never)"),
+        ("--ckpt.every", cfg.ckpt.every, 1, ""), ("--ckpt.keep", cfg.ckpt.keep, 1, ""),
+        ("--data.samples_per_prompt", cfg.data.samples_per_prompt, 1, ""),
+        ("--data.gen_steps", cfg.data.gen_steps, 0, " (0: the teacher config's sample_steps)"),
+        ("--eval.num_noise", cfg.eval.num_noise, 1, ""),
+        ("--eval.teacher_steps", cfg.eval.teacher_steps, 0, " (0: the teacher config's sample_steps)"),
+        ("--eval.quality_prompts", cfg.eval.quality_prompts, 1, ""),
+        ("--eval.quality_noises", cfg.eval.quality_noises, 1, ""), ("--eval.grid_prompts", cfg.eval.grid_prompts, 0, ""),
+    ]
+    problems += [f"{flag} must be >= {low}{meaning}, got {value}" for flag, value, low, meaning in at_least if value < low]
+    if not cfg.data.timestep_shift > 0:
+        problems.append(f"--data.timestep_shift must be > 0, got {cfg.data.timestep_shift}")
+    if not cfg.data.wait_log_s > 0:
+        problems.append(f"--data.wait_log_s must be > 0 (seconds), got {cfg.data.wait_log_s}")
+    if not cfg.eval.timesteps or not all(0 <= t <= 1000 for t in cfg.eval.timesteps):
+        problems.append(f"--eval.timesteps must be one or more timesteps in [0, 1000], got {list(cfg.eval.timesteps)}")
+    if not cfg.eval.student_steps or min(cfg.eval.student_steps) < 1:
+        problems.append(f"--eval.student_steps must be one or more step counts >= 1, got {list(cfg.eval.student_steps)}")
+    if cfg.teacher.guide_scale is not None and min(cfg.teacher.guide_scale) < 0:
+        problems.append(f"--teacher.guide_scale must be >= 0, got {list(cfg.teacher.guide_scale)}")
     if cfg.train.gpu_memory_gb < 0:
         problems.append(f"--train.gpu_memory_gb must be >= 0 (0: the whole card), got {cfg.train.gpu_memory_gb}")
     patch = cfg.student.patch_size
-    if (cfg.data.height // 8) % patch or (cfg.data.width // 8) % patch:
+    resolution_ok = all(v > 0 and v % 16 == 0 for v in (cfg.data.height, cfg.data.width))  # else said above
+    if resolution_ok and ((cfg.data.height // 8) % patch or (cfg.data.width // 8) % patch):
         problems.append(
             f"the latent size {(cfg.data.height // 8, cfg.data.width // 8)} (image / 8) must be divisible by "
             f"--student.patch_size={patch}"
@@ -267,7 +353,7 @@ def from_dict(saved: dict, overrides: list[str] | None = None) -> Config:
         parts[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
     cfg = Config(**{k: v for k, v in saved.items() if k not in nested}, **parts)
     if overrides:
-        cfg = tyro.cli(Config, default=cfg, args=overrides, use_underscores=True)
+        cfg = _cli(cfg, overrides)
     validate(cfg)
     return cfg
 

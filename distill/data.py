@@ -26,17 +26,53 @@ class DataError(ValueError):
     """Bad training data (empty prompt file, unreadable image, missing caption...)."""
 
 
-def load_prompts(path: str | os.PathLike, what: str = "prompt file") -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 text file; a clear error if there are none."""
+# A prompt file is read whole and each prompt's umT5 embedding is cached on disk (for the real
+# teacher about 8 KB per token, so 1-2 MB per prompt): past these limits a file is almost surely
+# not what was meant, and the cache would need terabytes.
+MAX_PROMPT_FILE_BYTES = 100 * 2**20
+MAX_PROMPTS = 1_000_000
+
+
+def read_prompt_lines(path: str | os.PathLike, what: str = "prompt file", flag: str = "--data.prompts",
+                      ) -> list[tuple[int, str]]:
+    """(line number, prompt) of each non-empty line of a UTF-8 text file, stripped; a DataError
+    that says what to do when the file is missing, empty, not UTF-8 text, or too large."""
     if not path:
-        raise DataError(f"no {what} given: pass --data.prompts FILE (one prompt per line)")
+        raise DataError(f"no {what} given: pass {flag} FILE (one prompt per line)")
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}\npass an existing file to {flag} (one prompt per line)")
     if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise DataError(f"{what} {path} holds no prompts: write one prompt per line")
-    return prompts
+        raise DataError(f"{what} {path} is not a file\npass a text file to {flag} (one prompt per line)")
+    size = path.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise DataError(f"{what} {path} is {size / 2**20:.0f} MB, over the limit of "
+                        f"{MAX_PROMPT_FILE_BYTES // 2**20} MB\nsplit it and train on a part (each prompt's "
+                        f"embedding is cached on disk); at most {MAX_PROMPTS:,} prompts per file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{what} {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, "
+                        f"column {column}\nsave it as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DataError(f"{what} {path} holds a NUL byte at line {line}: it is not a text file\n"
+                        f"pass a text file to {flag} (one prompt per line)")
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{what} {path} holds no prompts\nwrite one prompt per line")
+    if len(lines) > MAX_PROMPTS:
+        raise DataError(f"{what} {path} holds {len(lines):,} prompts, over the limit of {MAX_PROMPTS:,}\n"
+                        "split it and train on a part (each prompt's embedding is cached on disk)")
+    return lines
+
+
+def load_prompts(path: str | os.PathLike, what: str = "prompt file", flag: str = "--data.prompts") -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 text file; a clear error if there are none (`read_prompt_lines`)."""
+    return [prompt for _, prompt in read_prompt_lines(path, what, flag)]
 
 
 def _digest(*parts) -> str:
@@ -109,7 +145,11 @@ def image_folder(path: str | os.PathLike) -> list[tuple[Path, str]]:
         caption = image.with_suffix(".txt")
         if not caption.is_file():
             raise DataError(f"image {image} has no caption file {caption.name}: write its prompt there")
-        text = caption.read_text(encoding="utf-8").strip()
+        try:
+            text = caption.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"caption {caption} is not UTF-8 text ({exc.reason} at byte {exc.start})\n"
+                            "save it as UTF-8") from None
         if not text:
             raise DataError(f"caption {caption} is empty")
         pairs.append((image, text))

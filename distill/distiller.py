@@ -19,6 +19,12 @@ JAX (noise from `fold_in(state.rng, step)`), hand this rank's shard to the torch
 DLPack, bring its targets back as one global array sharded over the data axis, and run the jitted,
 donated `train_step`. Every jitted computation runs on all ranks (JAX multi-controller); only
 rank 0 writes files.
+
+Faults: SIGTERM saves a checkpoint at the next step boundary, on the checkpoint schedule or not.
+With several processes, a rank whose peer died blocks inside a collective, where Python's SIGTERM
+handler cannot run; `SigtermWatchdog` then ends it `SIGTERM_GRACE_S` after the SIGTERM, saying
+so and naming the checkpoint a restart resumes from (torchrun sends SIGTERM to the survivors at
+once and SIGKILL 30 s later).
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import select
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +60,88 @@ log = logging.getLogger("distill")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite values with nan_policy=stop, incompatible resume...)."""
+
+
+SIGTERM_GRACE_S = 20.0  # below torchrun's 30 s between the SIGTERM to the surviving ranks and SIGKILL
+
+
+def committed_checkpoints(folder: Path) -> list[int]:
+    """Committed checkpoint steps in `folder` (orbax renames a step's temporary directory on commit)."""
+    try:
+        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+class SigtermWatchdog:
+    """Multi-process runs: after SIGTERM, the checkpoint is saved and the run ends within `grace_s`,
+    or this rank says why not and exits (status 1).
+
+    When a peer rank dies, the others block in their next collective (the student step's all-reduce, a
+    teacher FSDP gather, the checkpoint's barrier) until the launcher kills them: torchrun sends SIGTERM
+    within 0.1 s and SIGKILL 30 s later; without torchrun, JAX's coordination service aborts them when
+    the dead rank misses its heartbeats (100 s). Python runs a signal handler only between bytecodes of
+    the main thread, so a blocked rank never sees the SIGTERM and dies without a word. This thread
+    learns of SIGTERM through `signal.set_wakeup_fd` (written by the C-level handler whatever the
+    main thread does) and from the loop's stop flag; `where` is what the run was doing (set by the
+    Distiller), the message names the last committed checkpoint, which a restart resumes from.
+    """
+
+    def __init__(self, rank: int, checkpoints: Path, stop=None, grace_s: float = SIGTERM_GRACE_S,
+                 exit=os._exit):
+        self.rank, self.checkpoints, self.stop, self.grace_s, self._exit = rank, checkpoints, stop, grace_s, exit
+        self.where = "setting up"
+        self._done = threading.Event()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        os.set_blocking(self._read, False)
+        # main thread only; a previous wakeup fd (none in this project) gets the bytes passed on
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="sigterm-watchdog", daemon=True)
+        self._thread.start()
+
+    def _sigterm_seen(self) -> bool:
+        seen = False
+        while True:
+            try:
+                data = os.read(self._read, 64)
+            except (BlockingIOError, OSError):
+                break
+            if not data:
+                break
+            if self._previous >= 0:
+                try:
+                    os.write(self._previous, data)
+                except OSError:
+                    pass
+            seen = seen or signal.SIGTERM in data
+        return seen or bool(self.stop is not None and self.stop.requested)
+
+    def _watch(self) -> None:
+        while not self._sigterm_seen():
+            select.select([self._read], [], [], 0.5)
+            if self._done.is_set():
+                return
+        if self._done.wait(self.grace_s):
+            return  # saved and finished in time
+        steps = committed_checkpoints(self.checkpoints)
+        resume = f"step {steps[-1]}" if steps else "the start (no checkpoint yet)"
+        log.error("rank %d: SIGTERM %.0f s ago and still %s: most likely a peer rank died and a collective waits "
+                  "for it forever. Exiting without a new checkpoint; a restart resumes from %s in %s", self.rank,
+                  self.grace_s, self.where, resume, self.checkpoints)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        self._exit(1)
+
+    def close(self) -> None:
+        """The run ended (or its SIGTERM checkpoint is on disk): stand down; main thread."""
+        if self._done.is_set():
+            return
+        self._done.set()
+        signal.set_wakeup_fd(self._previous)
+        self._thread.join(timeout=2)
+        os.close(self._read)
+        os.close(self._write)
 
 
 def _prepare_batch(rng, step, x0_teacher, band=None, *, shift, student_cfg):
@@ -138,11 +230,31 @@ class Distiller:
                              f"processes ({rt.world_size})")
         if rt.is_main and mode == "train":
             self.workdir.mkdir(parents=True, exist_ok=True)
-            config_lib.dump(cfg, self.workdir / "config.json")
+            partial = self.workdir / "config.json.tmp"  # a kill mid-write leaves the previous config.json whole
+            config_lib.dump(cfg, partial)
+            os.replace(partial, self.workdir / "config.json")
         self.cache = Path(cfg.data.cache_dir)
         self.latent_hw = (cfg.data.height // 8, cfg.data.width // 8)
-        self._build_teacher(compile_student=cfg.stage != "data" or mode != "train")
-        self._build_data(run=cfg.stage != "train" and mode == "train")
+        self.watchdog = None
+        if rt.world_size > 1 and threading.current_thread() is threading.main_thread():
+            self.watchdog = SigtermWatchdog(rt.rank, self.workdir / "checkpoints", stop)
+        try:
+            self._build_teacher(compile_student=cfg.stage != "data" or mode != "train")
+            self._at("the data stage")
+            self._build_data(run=cfg.stage != "train" and mode == "train")
+        except BaseException:
+            self.close()
+            raise
+
+    def _at(self, where: str) -> None:
+        """What the run is doing, for the SIGTERM watchdog's message."""
+        if self.watchdog is not None:
+            self.watchdog.where = where
+
+    def close(self) -> None:
+        """Stand the SIGTERM watchdog down (the run ended well); `run()` and `evaluate()` call it."""
+        if self.watchdog is not None:
+            self.watchdog.close()
 
     # ------------------------------------------------------------------ construction
 
@@ -356,6 +468,17 @@ class Distiller:
 
     def run(self) -> dict:
         """`--stage data`: the data stage's summary; otherwise train (after the data stage of `all`)."""
+        try:
+            summary = self._run()
+        except BaseException as error:
+            # the watchdog stays up: with a dead peer, shutting the process group down blocks next
+            text = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
+            self._at(f"shutting down after {text[:300]}")
+            raise
+        self.close()
+        return summary
+
+    def _run(self) -> dict:
         if self.cfg.stage == "data":
             made = self.stage.generated
             wall = time.perf_counter() - self.data_start
@@ -373,6 +496,7 @@ class Distiller:
     def train(self) -> dict:
         import jax
 
+        self._at("restoring the checkpoint and building the evaluators")
         self._build_training()
         cfg, rt = self.cfg, self.rt
         writer = MetricsWriter(self.workdir, enabled=rt.is_main)
@@ -389,6 +513,7 @@ class Distiller:
             self._evaluate(0, writer, summary)
         try:
             for step in range(self.start_step, cfg.train.steps):
+                self._at(f"in training step {step + 1}")
                 metrics = self.step(step, batches.get(step))
                 pending.append(metrics)
                 window_steps += 1
@@ -421,6 +546,7 @@ class Distiller:
                 self.checkpointer.save(done, self.state, self.cfg_dict, force=done == cfg.train.steps)
                 if self.stop is not None and self.stop.requested:
                     log.warning("%s received: saving a checkpoint at step %d and exiting", self.stop.requested, done)
+                    self._at(f"saving the checkpoint of step {done}")
                     self.checkpointer.save(done, self.state, self.cfg_dict, force=True)
                     summary["interrupted"] = self.stop.requested
                     break
@@ -431,6 +557,10 @@ class Distiller:
             writer.close()
             if progress is not None:
                 progress.close()
+        if "interrupted" in summary:
+            log.warning("checkpoint of step %d saved in %s", int(jax.device_get(self.state.step)),
+                        self.checkpointer.directory)
+        self._at("finishing the run")
         for evaluator in self.evaluators:
             if hasattr(evaluator, "plot"):
                 evaluator.plot(self.workdir / "quality.png")
@@ -440,14 +570,18 @@ class Distiller:
         """Every evaluator once on the workdir's latest checkpoint (the standalone `evaluate` entry)."""
         import jax
 
-        self.teacher = Teacher(self.pipe, self.student.objective.teacher_target, self.guide, self.context_null)
-        self._restore(required=True)
-        self.checkpointer.close()
-        self.evaluators = self._build_evaluators()
-        step = int(jax.device_get(self.state.step))
-        out = {"step": step}
-        for evaluator in self.evaluators:
-            out.update(evaluator(step, self.state))
+        try:
+            self.teacher = Teacher(self.pipe, self.student.objective.teacher_target, self.guide, self.context_null)
+            self._restore(required=True)
+            self.checkpointer.close()
+            self.evaluators = self._build_evaluators()
+            step = int(jax.device_get(self.state.step))
+            out = {"step": step}
+            self._at(f"evaluating step {step}")
+            for evaluator in self.evaluators:
+                out.update(evaluator(step, self.state))
+        finally:
+            self.close()
         if self.rt.is_main:
             (self.workdir / "evaluation.json").write_text(json.dumps(out, indent=1))
         return out

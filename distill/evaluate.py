@@ -24,12 +24,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    pre.add_argument("--workdir", required=True)
+    pre.add_argument("--workdir")
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
     if known.help:
         print(__doc__)
         return 0
+    if not known.workdir:
+        raise SystemExit("error: --workdir RUN is required: the run directory made by train.py")
     path = Path(known.workdir) / "config.json"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found: --workdir must be a run directory made by train.py")
@@ -47,4 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .errors import main as report_user_errors
+
+    raise SystemExit(report_user_errors(main))

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -39,15 +40,50 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def _first_line(text: str, prefer: tuple[str, ...] = ()) -> str:
+    """The line of a long library message that names the problem (one containing a `prefer` word), else the first."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    for line in lines:
+        if any(word in line for word in prefer):
+            return line
+    return lines[0] if lines else ""
+
+
 def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Load a plain tensor state dict saved with torch.save, safely (weights_only=True), onto CPU."""
+    """Load a plain tensor state dict saved with torch.save, safely (weights_only=True), onto CPU.
+
+    Nothing in the file is ever run: a pickle holding code or other objects than tensors is refused
+    with a CheckpointError. Zip files (torch >= 1.6) are memory-mapped; legacy pickles are read whole."""
+    import pickle
+
     path = require_file(path, what)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            with warnings.catch_warnings():  # torch warns about the legacy format's pickle protocol
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        reason = _first_line(exc, ("GLOBAL", "Unsupported", "unsupported"))
+        raise CheckpointError(
+            f"{what} {path} is not a plain state dict of tensors: torch.load(weights_only=True) refused it "
+            f"({reason}); nothing in it was run.\nRe-save it as a dict of tensors "
+            "(torch.save(model.state_dict(), path)) or download the release file again."
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name, cause attached
-        raise CheckpointError(f"could not read {what} {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{what} {path} is not a state dict of tensors (got {type(state).__name__})")
+        raise CheckpointError(
+            f"could not read {what} {path}: {type(exc).__name__}: {_first_line(exc)}\n"
+            "The file is probably truncated or corrupt; download it again."
+        ) from exc
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} {path} is not a state dict of tensors (it holds a {type(state).__name__})")
+    stray = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if stray:
+        raise CheckpointError(f"{what} {path} is not a state dict of tensors: {stray[0]!r} holds a "
+                              f"{type(state[stray[0]]).__name__}" + (f" ({len(stray)} such entries)" if len(stray) > 1 else ""))
     return dict(state)
 
 

@@ -107,15 +107,7 @@ class HuggingfaceTokenizer:
 
         self.pad_id = self._require_token("<pad>", file)
         self.eos_id = self._require_token("</s>", file)
-        # Truncation here subtracts the post-processor's appended </s>, so at most seq_len - 1
-        # content tokens survive and </s> stays last, as transformers' truncation=True does.
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
-        if seq_len is not None:
-            self.tokenizer.enable_truncation(max_length=seq_len)
-            self.tokenizer.enable_padding(length=seq_len, pad_id=self.pad_id, pad_token="<pad>")
-        else:
-            self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token="<pad>")
+        self._fixed_length()
         # Same meaning as transformers' fast tokenizers: vocab_size without added tokens, len() with.
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=False)
 
@@ -124,6 +116,28 @@ class HuggingfaceTokenizer:
         if token_id is None:
             raise CheckpointError(f"tokenizer {file} has no {token} token; is it a T5 tokenizer?")
         return token_id
+
+    def _fixed_length(self) -> None:
+        # Truncation here subtracts the post-processor's appended </s>, so at most seq_len - 1
+        # content tokens survive and </s> stays last, as transformers' truncation=True does.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        if self.seq_len is not None:
+            self.tokenizer.enable_truncation(max_length=self.seq_len)
+            self.tokenizer.enable_padding(length=self.seq_len, pad_id=self.pad_id, pad_token="<pad>")
+        else:
+            self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token="<pad>")
+
+    def count_tokens(self, sequence: list[str]) -> list[int]:
+        """Tokens of each prompt (cleaned, `</s>` included) before truncation: a count above seq_len
+        means `__call__` keeps only the first seq_len - 1 tokens and `</s>`."""
+        texts = [self._clean(s) for s in sequence]
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        try:
+            return [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        finally:
+            self._fixed_length()
 
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
