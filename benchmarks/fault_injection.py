@@ -8,12 +8,14 @@ checkpoints (`--train.steps 60 --ckpt.every 10`, keep 3). First one uninterrupte
 process, no handler runs) at a moment drawn from a seeded generator, aimed at one of
 
     data        the data stage (text embeddings, x0 shards being sampled and written)
-    step        a training step (a random one of the two checkpoint intervals after the resume
-                point, a random fraction into it)
+    step        a training step: a random one of the interval after the next checkpoint (once it is
+                committed: the restart resumes from it), a random fraction into it
     checkpoint  a checkpoint write: the moment an orbax temporary directory appears, plus 0-5 ms
     startup     a random moment between launch and the first step (imports, restore, compile)
 
-and restarted, until N kills are done; the last incarnation runs to the end. Where a kill really
+and restarted, until N kills are done; the last incarnation runs to the end. The first fifth of the
+kills aim at the data stage, the others at the three other kinds in seeded shuffles (`--aims` gives
+the order instead). Where a kill really
 landed is read from the files at that instant (a data stage still running, an orbax temporary
 directory present, steps logged), not assumed from the aim.
 
@@ -28,7 +30,8 @@ Checked, between incarnations (the killed process is gone, so nothing races the 
 
 Prints one JSON line per figure:
 
-    python benchmarks/fault_injection.py [--kills 20] [--seed 0] [--steps 60] [--ckpt-every 10] [--root DIR]
+    python benchmarks/fault_injection.py [--kills 20] [--seed 0] [--steps 60] [--ckpt-every 10]
+                                         [--aims data,step,checkpoint] [--root DIR] [--verbose]
 
     {"figure": "fault_injection", "kills": 20, "resumed_bitwise": 20, "final_bitwise": true,
      "unreadable_checkpoints": 0, ..., "wall_s": ...}
@@ -254,8 +257,7 @@ def kill_at(proc: subprocess.Popen, files: RunFiles, aim: str, rng: random.Rando
             resume: int, steps: int, ckpt_every: int) -> Kill | None:
     """SIGKILL the run at a random moment of the kind `aim` names; None when it finished first.
 
-    Each aim is a condition on the run's files and a random delay after it first holds. A step aim
-    lands within two checkpoint intervals of the resume point, so the kills spread over the whole run."""
+    Each aim is a condition on the run's files and a random delay after it first holds."""
     start, launched_ns = time.monotonic(), time.time_ns()
     since, stale = files.metrics_size(), frozenset(files.temporaries())
     if aim == "startup":
@@ -269,9 +271,20 @@ def kill_at(proc: subprocess.Popen, files: RunFiles, aim: str, rng: random.Rando
         delay = rng.uniform(0.0, min(timings.shard_s / 3, 0.1))
     elif aim == "checkpoint":  # an orbax temporary directory: a write in progress
         condition, delay = (lambda: files.writing_checkpoint(stale)), rng.uniform(0.0, 0.005)
-    elif aim == "step":  # the step logged just before the kill, then a fraction of a step
-        target = rng.randint(resume + 1, min(resume + 2 * ckpt_every, steps - 1))
-        condition, delay = (lambda: (files.last_logged_step(since) or -1) >= target), rng.uniform(0.0, timings.step_s)
+    elif aim == "step":
+        # the step logged just before the kill, then a fraction of a step: a random step of the interval
+        # after the next checkpoint, once that checkpoint is committed (so the restart resumes from it)
+        following = (resume // ckpt_every + 1) * ckpt_every
+        if following < steps:
+            target = following + rng.randint(0, min(ckpt_every, steps - following) - 1)
+        else:
+            following, target = resume, rng.randint(resume + 1, steps - 1)
+
+        def condition():
+            return (files.last_logged_step(since) or -1) >= target and \
+                max(committed_steps(files.checkpoints), default=0) >= following
+
+        delay = rng.uniform(0.0, timings.step_s)
     else:
         raise ValueError(f"unknown aim {aim!r}")
     poll = 0.002 if aim == "checkpoint" else 0.01
@@ -328,6 +341,17 @@ class Verifier:
         return 0, True  # from scratch: the initial state is a function of the seed
 
 
+def plan_aims(kills: int, rng: random.Random) -> list[str]:
+    """A fifth of the kills (at least one) in the data stage first, then seeded shuffles of KINDS
+    one after another (so every kind gets its share)."""
+    aims = ["data"] * min(kills, max(1, round(kills / 5)))
+    while len(aims) < kills:
+        block = list(KINDS)
+        rng.shuffle(block)
+        aims += block
+    return aims[:kills]
+
+
 def _resumed_step(log_path: Path) -> int | None:
     found = re.findall(r"resumed from \S+ at step (\d+)", log_path.read_text(errors="replace"))
     return int(found[-1]) if found else None
@@ -336,12 +360,19 @@ def _resumed_step(log_path: Path) -> int | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--aims", default="", help="the kills' aims in order, e.g. data,step,checkpoint "
+                        f"(of data, {', '.join(KINDS)}); default: planned from the seed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--ckpt-every", type=int, default=10)
     parser.add_argument("--root", default="/tmp/wan_fault_injection", help="scratch folder (emptied first)")
     parser.add_argument("--verbose", action="store_true", help="one JSON line per kill as well")
     args = parser.parse_args(argv)
+    if args.aims:
+        unknown = set(args.aims.split(",")) - {"data", *KINDS}
+        if unknown:
+            parser.error(f"unknown aims {sorted(unknown)}")
+        args.kills = len(args.aims.split(","))
     t0 = time.perf_counter()
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
@@ -357,9 +388,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"the reference run failed (rc {proc.returncode}); see {root / 'reference.log'}")
 
     rng = random.Random(args.seed)
+    aims = args.aims.split(",") if args.aims else plan_aims(args.kills, rng)
     faulty = RunFiles(root / "faulty", root / "cache_faulty")  # its own empty cache: the data stage is hit
     verifier = Verifier(reference.checkpoints)
-    n_data = max(1, round(args.kills / 5)) if args.kills else 0
     kills: list[Kill] = []
     incarnation = 0
     log_mismatch = []
@@ -368,13 +399,14 @@ def main(argv=None) -> int:
         resume, _ = verifier.resume_point(faulty.checkpoints)
         proc = launch(faulty, flags, env, log_path)
         kill = None
-        if len(kills) < args.kills:
-            if len(kills) < n_data and not faulty.data_done():
-                aim = "data"
-            elif resume >= args.steps:
-                aim = "startup"  # nothing but start-up is left to hit
-            else:
-                aim = rng.choice(KINDS if resume < args.steps - 1 else ("checkpoint", "startup"))
+        if len(kills) < len(aims):
+            aim = aims[len(kills)]
+            if aim == "data" and faulty.data_done():
+                aim = "step"  # the data stage is over
+            if aim == "step" and resume >= args.steps - 1:
+                aim = "checkpoint"  # no step left after the resume point
+            if resume >= args.steps:
+                aim = "startup"  # finished: nothing but start-up is left to hit
             kill = kill_at(proc, faulty, aim, rng, timings, resume, args.steps, args.ckpt_every)
         else:
             proc.wait()
