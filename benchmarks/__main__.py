@@ -10,7 +10,13 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
 
 - teacher_forward: one DiT expert forward (bf16 autocast on GPU, float32 on CPU) per image size and
   batch (1, 2 = the CFG pair): ms, TFLOP/s from the analytic FLOP count (`dit_flops`), and the share
-  of --peak-tflops when given.
+  of --peak-tflops when given; eager and with `--teacher.compile` (`wan.compile`) side by side
+  (--compile both, the GPU default), the compiled line with its speed-up over eager in the same run.
+- teacher_sol: the speed of light of that forward: one block's matmuls and attention alone (bf16,
+  no norms, modulation or rotary), times the layer count: ms, TFLOP/s, and each measured
+  teacher_forward over it (the same sizes, measured in the same run).
+- sdpa: the self-attention kernel at the teacher's shapes through each SDPA backend torch offers
+  here (flash, cuDNN, memory-efficient; math on CPU): ms and TFLOP/s.
 - t5_encode: the umT5 encoder on a batch of --text-len token ids: ms per prompt.
 - vae_decode: one [16, 1, h, w] latent decoded to an image: ms.
 - student_step: the jitted, donated `train_step` of each student preset at the image size: compile s,
@@ -19,7 +25,11 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
   the teacher's outputs to JAX): ms, and its share of the student step measured in the same run.
 - distill_step: the real loop's step (`Distiller.step`: data, noise, teacher targets, bridge, student)
   on the run that the flags after `--` describe (default: the tests' fast random tiny teacher):
-  ms per step, samples/s per process, the teacher's ms inside it and the ratio step / teacher.
+  ms per step, samples/s per process, the teacher's ms inside it and the ratio step / teacher; the
+  teacher's layer count, and for a teacher with fewer layers than the A14B's 40 the ratio the same
+  step would have at 40 (teacher time scaled by 40 / layers, the rest unchanged); the bridge's share
+  of the step (the bridge figure of the same run); on GPU the host synchronisations torch counted
+  inside the timed steps (`torch.cuda.set_sync_debug_mode`).
 
 Random weights everywhere (no checkpoint is read, nothing downloads); `--layers` shortens the DiT
 and states the count in every line, so a figure for fewer layers is labelled as such.
@@ -34,7 +44,9 @@ import sys
 import time
 from contextlib import nullcontext
 
-FIGURES = ("teacher_forward", "t5_encode", "vae_decode", "student_step", "bridge", "distill_step")
+FIGURES = ("teacher_forward", "teacher_sol", "sdpa", "t5_encode", "vae_decode", "student_step", "bridge",
+           "distill_step")
+A14B_LAYERS = 40
 
 
 def emit(figure: str, **fields) -> dict:
@@ -122,13 +134,10 @@ class Bench:
             dit = dataclasses.replace(dit, num_layers=self.args.layers)
         return dit, t5, vae
 
-    def teacher_forward(self):
+    def _teacher_cases(self, dit):
+        """(size, batch, tokens, x, context, t) of every teacher_forward case."""
         import torch
 
-        dit, _, _ = self.configs()
-        model = self._random(dit.build)
-        if self.cuda:
-            model = model.to(torch.bfloat16)
         text = min(self.args.text_tokens, dit.text_len)
         for size in self.args.sizes:
             lat = size // 8
@@ -137,17 +146,113 @@ class Bench:
                 x = [torch.randn(16, 1, lat, lat, device=self.device) for _ in range(batch)]
                 ctx = [torch.randn(text, 4096, device=self.device, dtype=self.dtype) for _ in range(batch)]
                 t = torch.full((batch,), 900.0, device=self.device)
+                yield size, batch, tokens, x, ctx, t
 
+    def teacher_forward(self):
+        import torch
+
+        from wan.compile import compile_dit
+
+        dit, _, _ = self.configs()
+        model = self._random(dit.build)
+        if self.cuda:
+            model = model.to(torch.bfloat16)
+        modes = {"off": [False], "on": [True], "both": [False, True]}[self.args.compile]
+        eager_ms = {}
+        self.teacher_ms = {}
+        for compiled in modes:
+            if compiled:
+                compile_dit(model)
+            for size, batch, tokens, x, ctx, t in self._teacher_cases(dit):
                 def run():
                     with torch.no_grad(), self.autocast():
                         model(x, t=t, context=ctx, seq_len=tokens)
 
+                start = time.perf_counter()
+                run()  # the first call of a shape compiles when compiled
+                self.sync()
+                first_s = time.perf_counter() - start
                 ms = self.time(run)
                 tflops = dit_flops(dit, tokens, dit.text_len, batch) / (ms * 1e-3) / 1e12
                 extra = {"peak_fraction": tflops / self.args.peak_tflops} if self.args.peak_tflops else {}
+                if compiled and (size, batch) in eager_ms:
+                    extra["speedup_over_eager"] = eager_ms[(size, batch)] / ms
+                if not compiled:
+                    eager_ms[(size, batch)] = ms
+                self.teacher_ms[(size, batch, compiled)] = ms
                 emit("teacher_forward", size=size, batch=batch, tokens=tokens, layers=dit.num_layers, dim=dit.dim,
-                     device=str(self.device), ms=ms, tflops=tflops, **extra)
+                     device=str(self.device), compiled=compiled, first_call_s=first_s, ms=ms, tflops=tflops, **extra)
         del model
+
+    def teacher_sol(self):
+        """One block's matmuls + attention in plain bf16 (fp32 on CPU), x layers: what the forward could be."""
+        import torch
+        import torch.nn.functional as F
+
+        dit, _, _ = self.configs()
+        d, f, heads, text = dit.dim, dit.ffn_dim, dit.num_heads, dit.text_len
+        gen = torch.Generator(device=self.device).manual_seed(0)
+
+        def weight(n, m):
+            return (torch.randn(n, m, device=self.device, generator=gen) * 0.02).to(self.dtype)
+
+        w = {name: weight(d, d) for name in ("q", "k", "v", "o", "cq", "ck", "cv", "co")}
+        w1, w2 = weight(f, d), weight(d, f)
+        for size in self.args.sizes:
+            tokens = (size // 16) ** 2
+            for batch in (1, 2):
+                x = torch.randn(batch, tokens, d, device=self.device, dtype=self.dtype)
+                ctx = torch.randn(batch, text, d, device=self.device, dtype=self.dtype)
+
+                def heads_of(y):
+                    return y.unflatten(-1, (heads, -1)).transpose(1, 2)  # [B, heads, L, head_dim]
+
+                def block():
+                    q, k, v = (heads_of(F.linear(x, w[n])) for n in ("q", "k", "v"))
+                    a = F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2), w["o"])
+                    cq, ck, cv = heads_of(F.linear(a, w["cq"])), heads_of(F.linear(ctx, w["ck"])), heads_of(
+                        F.linear(ctx, w["cv"]))
+                    c = F.linear(F.scaled_dot_product_attention(cq, ck, cv).transpose(1, 2).flatten(2), w["co"])
+                    return F.linear(F.gelu(F.linear(c, w1), approximate="tanh"), w2)
+
+                with torch.no_grad():
+                    ms = self.time(block) * dit.num_layers
+                tflops = dit_flops(dit, tokens, text, batch) / (ms * 1e-3) / 1e12
+                extra = {f"teacher_{'compiled' if c else 'eager'}_over_sol": self.teacher_ms[(size, batch, c)] / ms
+                         for c in (False, True) if (size, batch, c) in getattr(self, "teacher_ms", {})}
+                emit("teacher_sol", size=size, batch=batch, tokens=tokens, layers=dit.num_layers, dim=dit.dim,
+                     device=str(self.device), ms=ms, tflops=tflops, **extra)
+
+    def sdpa(self):
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        dit, _, _ = self.configs()
+        heads, head_dim = dit.num_heads, dit.dim // dit.num_heads
+        backends = {"math": SDPBackend.MATH}
+        if self.cuda:
+            backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION}
+        for size in self.args.sizes:
+            tokens = (size // 16) ** 2
+            for batch in (1, 2):
+                q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=self.device, dtype=self.dtype)
+                           for _ in range(3))
+                for name, backend in [("default", None), *backends.items()]:
+                    def run():
+                        with torch.no_grad(), (sdpa_kernel([backend]) if backend is not None else nullcontext()):
+                            F.scaled_dot_product_attention(q, k, v)
+
+                    try:
+                        ms = self.time(run)
+                    except RuntimeError as error:  # a backend that does not take these inputs here
+                        emit("sdpa", size=size, batch=batch, tokens=tokens, backend=name, ms=None,
+                             error=str(error).splitlines()[0][:200])
+                        continue
+                    flops = 4 * batch * heads * tokens * tokens * head_dim
+                    emit("sdpa", size=size, batch=batch, tokens=tokens, backend=name, device=str(self.device), ms=ms,
+                         tflops=flops / (ms * 1e-3) / 1e12)
 
     def t5_encode(self):
         import torch
@@ -189,7 +294,7 @@ class Bench:
 
     # ---------------------------------------------------------------- student and bridge
 
-    def _student(self, preset: str, size: int):
+    def _student(self, preset: str, size: int, **overrides):
         import functools
 
         import jax
@@ -201,7 +306,7 @@ class Bench:
         from student_jax.state import create_train_state
         from student_jax.train_step import train_step
 
-        cfg = student_preset(preset) if self.cuda else student_preset(preset, dtype="float32")
+        cfg = student_preset(preset, **overrides) if self.cuda else student_preset(preset, dtype="float32", **overrides)
         optim = OptimConfig()
         lat, batch, text_len = size // 8, self.args.batch, self.args.text_len
         state = create_train_state(cfg, optim, jax.random.key(0), (lat, lat), text_len)
@@ -223,28 +328,41 @@ class Bench:
     def student_step(self):
         import jax
 
+        from distill.memory import compiled_bytes
+
         results = {}
+        choices = {"on": [True], "off": [False], "both": [True, False]}
         for preset in self.args.presets:
             for size in self.args.student_sizes:
-                cfg, compiled, state, inputs, compile_s = self._student(preset, size)
-                holder = [state]
+                for scan in choices[self.args.scan]:
+                    for remat in choices[self.args.remat]:
+                        cfg, compiled, state, inputs, compile_s = self._student(preset, size, scan_blocks=scan,
+                                                                                remat=remat)
+                        holder = [state]
 
-                def run():
-                    holder[0], metrics = compiled(holder[0], inputs)
-                    jax.block_until_ready(metrics["loss"])
+                        def run():
+                            holder[0], metrics = compiled(holder[0], inputs)
+                            jax.block_until_ready(metrics["loss"])
 
-                ms = self.time(run)
-                stats = jax.devices()[0].memory_stats() or {}
-                peak = stats.get("peak_bytes_in_use")
-                results[(preset, size)] = ms
-                attention = cfg.attention_impl
-                if attention == "auto":  # as student_jax.model resolves it (self-attention; cross is masked XLA)
-                    attention = "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
-                emit("student_step", preset=preset, size=size, batch=self.args.batch, text_len=self.args.text_len,
-                     dtype=cfg.dtype, self_attention=attention, compile_s=compile_s, ms=ms,
-                     samples_per_s=self.args.batch / (ms * 1e-3),
-                     peak_gb=None if peak is None else peak / 1e9)
-                del holder, state, compiled
+                        attention = cfg.attention_impl
+                        if attention == "auto":  # as student_jax.model resolves it (cross-attention is masked XLA)
+                            attention = "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
+                        need = compiled_bytes(compiled)
+                        line = dict(preset=preset, size=size, batch=self.args.batch, text_len=self.args.text_len,
+                                    dtype=cfg.dtype, self_attention=attention, scan_blocks=scan, remat=remat,
+                                    compile_s=compile_s, xla_gb=None if need is None else need / 1e9)
+                        try:
+                            ms = self.time(run)
+                        except jax.errors.JaxRuntimeError as error:  # e.g. out of memory: say so, go on
+                            emit("student_step", **line, ms=None, error=str(error).splitlines()[0][:200])
+                            del holder, state, compiled
+                            continue
+                        stats = jax.devices()[0].memory_stats() or {}
+                        peak = stats.get("peak_bytes_in_use")
+                        results.setdefault((preset, size), ms)
+                        emit("student_step", **line, ms=ms, samples_per_s=self.args.batch / (ms * 1e-3),
+                             peak_gb=None if peak is None else peak / 1e9)
+                        del holder, state, compiled
         return results
 
     def bridge(self, step_ms: dict | None = None):
@@ -267,6 +385,7 @@ class Bench:
             if step_ms is None or (preset, size) not in step_ms:
                 step_ms = self.student_step_for(preset, size)
             total = step_ms[(preset, size)]
+            self.bridge_ms = ms
             emit("bridge", size=size, batch=batch, preset=preset, ms=ms, student_step_ms=total,
                  percent_of_student_step=100 * ms / total)
 
@@ -289,6 +408,7 @@ class Bench:
         from distill.config import parse
         from distill.distiller import Distiller
         from distill.loop import _Stop, runtime
+        from wan.compile import resolve as resolve_compile
 
         with tempfile.TemporaryDirectory() as tmp:
             flags = list(self.args.train_flags)
@@ -307,6 +427,21 @@ class Bench:
             try:
                 d = Distiller(cfg, rt, stop)
                 d._build_training()
+                warmup, iters = self.args.warmup, self.args.iters
+                batches = [d._load_batch(i) for i in range(warmup + iters + 1)]
+                jax.block_until_ready(batches)
+
+                def steps(first: int, last: int):
+                    for i in range(first, last):  # as the training loop issues them: no wait between steps
+                        metrics = d.step(i, batches[i])
+                    jax.block_until_ready(metrics)
+                    self.sync()
+
+                steps(0, warmup)
+                start = time.perf_counter()
+                steps(warmup, warmup + iters)
+                ms = (time.perf_counter() - start) * 1e3 / iters  # wall time per step
+                # the teacher's share, timed alone: its targets call synchronised on both sides
                 teacher_ms = []
                 inner = d.teacher.group_targets
 
@@ -319,21 +454,54 @@ class Bench:
                     return out
 
                 d.teacher.group_targets = timed_targets
-                step_ms = []
-                for i in range(self.args.warmup + self.args.iters):
-                    batch = d._load_batch(i)
-                    start = time.perf_counter()
-                    jax.block_until_ready(d.step(i, batch)["loss"])
-                    step_ms.append((time.perf_counter() - start) * 1e3)
-                steps, teach = step_ms[self.args.warmup:], teacher_ms[self.args.warmup:]
-                ms, tms = statistics.median(steps), statistics.median(teach)
+                for i in range(warmup, warmup + iters):
+                    jax.block_until_ready(d.step(i, batches[i]))
+                d.teacher.group_targets = inner
+                tms = statistics.median(teacher_ms)
+                layers = d.pipe.low_noise_model.num_layers
+                extra = {}
+                if layers < A14B_LAYERS:  # the rest of the step does not depend on the teacher's depth
+                    scaled = tms * A14B_LAYERS / layers
+                    extra["step_over_teacher_at_40_layers"] = (ms - tms + scaled) / scaled
+                if getattr(self, "bridge_ms", None):
+                    extra["bridge_percent_of_step"] = 100 * self.bridge_ms / ms
+                if self.cuda:
+                    extra["host_syncs_per_step"] = self._count_syncs(d) / 2
                 emit("distill_step", teacher=cfg.teacher.path, size=cfg.data.height, batch=cfg.train.batch_size,
-                     student=cfg.student.hidden_size, processes=rt.world_size, ms=ms, teacher_ms=tms,
+                     student=cfg.student.hidden_size, processes=rt.world_size, teacher_layers=layers,
+                     teacher_compiled=resolve_compile(cfg.teacher.compile, d.teacher.device), ms=ms, teacher_ms=tms,
                      step_over_teacher=ms / tms,
-                     samples_per_s_per_process=cfg.train.batch_size / rt.world_size / (ms * 1e-3))
+                     samples_per_s_per_process=cfg.train.batch_size / rt.world_size / (ms * 1e-3), **extra)
             finally:
                 stop.restore()
                 rt.shutdown()
+
+    @staticmethod
+    def _count_syncs(d, steps: int = 2) -> int:
+        """Synchronising CUDA calls torch makes while the loop issues `steps` more steps (each warns once
+        under sync-debug mode), the batches loaded beforehand as the prefetch thread does."""
+        import warnings
+
+        import jax
+        import torch
+
+        start = int(jax.device_get(d.state.step))
+        batches = [d._load_batch(start + k) for k in range(steps)]
+        jax.block_until_ready(batches)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for k, batch in enumerate(batches):
+                    metrics = d.step(start + k, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        jax.block_until_ready(metrics)
+        syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+        for w in syncs[:5]:
+            print(f"# host sync: {w.filename}:{w.lineno}: {w.message}", file=sys.stderr)
+        return len(syncs)
 
 
 def parse_args(argv):
@@ -359,12 +527,20 @@ def parse_args(argv):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="measured bf16 matmul peak, for peak_fraction")
+    p.add_argument("--scan", choices=("on", "off", "both"), default="on",
+                   help="student_step with the blocks under nn.scan (the default layout), unrolled, or both")
+    p.add_argument("--remat", choices=("on", "off", "both"), default="off",
+                   help="student_step with remat (the a14b preset's setting), without, or both")
+    p.add_argument("--compile", choices=("auto", "off", "on", "both"), default="auto",
+                   help="teacher_forward eager, compiled (wan.compile), or both; auto: both on cuda, off on cpu")
     args = p.parse_args(argv)
     args.train_flags = train_flags
     args.sizes = args.sizes or ([512, 1024] if args.full else [64, 128])
     args.student_sizes = args.student_sizes or ([1024] if args.full else [64])
     args.presets = args.presets or (["tiny", "small", "base"] if args.full else ["tiny"])
     args.text_len = args.text_len or (512 if args.full else 32)
+    if args.compile == "auto":
+        args.compile = "both" if args.device.startswith("cuda") else "off"
     for size in args.sizes + args.student_sizes:
         if size % 16:
             p.error(f"image sizes must be multiples of 16 (VAE stride 8 x patch 2), got {size}")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,60 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     image = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
     return pixels.permute(2, 0, 1)[:, None]  # [3, 1, H, W]
+
+
+def text_dtype(cfg, platform: str) -> torch.dtype:
+    """The dtype training keeps text embeddings in on the device: bf16 when both the teacher (under
+    bf16 autocast) and the student compute in bf16 (each would round them to bf16 anyway; the GPU
+    umT5 emits bf16), else float32."""
+    bf16 = (platform == "cuda" and cfg.teacher.device_strategy != "cpu" and cfg.teacher.dtype == "bfloat16"
+            and cfg.student.dtype == "bfloat16")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+class DeviceText:
+    """Per-prompt text embeddings kept on the training device, each padded once to `text_len` rows.
+
+    `get(indices)` -> (text [b, text_len, D] on `device` in `dtype`, mask [b, text_len] bool on
+    `device`, lengths [b]): one device-side stack per step, no host padding and no upload for a prompt
+    seen recently. A prompt not held is read from `source` (index -> [L_i, D] CPU tensor, e.g.
+    `EmbeddingLRU`), padded into page-locked memory and uploaded without blocking the host; the last
+    `capacity` prompts stay (least recently used goes first). The student reads the padded rows with
+    the mask, the teacher views `text[i, :lengths[i]]`: the same memory serves both.
+    """
+
+    def __init__(self, source, text_len: int, device: torch.device, dtype: torch.dtype, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"the device text cache must hold at least one prompt; got capacity {capacity}")
+        self.source, self.text_len, self.device, self.dtype = source, text_len, torch.device(device), dtype
+        self.capacity = capacity
+        self._rows: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()
+        self._positions = torch.arange(text_len, device=self.device)  # [text_len]
+        self.uploads = 0
+
+    def _row(self, index: int) -> tuple[torch.Tensor, int]:
+        if index in self._rows:
+            self._rows.move_to_end(index)
+            return self._rows[index]
+        emb = self.source[index]
+        n = min(emb.shape[0], self.text_len)
+        pinned = self.device.type == "cuda"
+        host = torch.zeros(self.text_len, emb.shape[-1], dtype=self.dtype, pin_memory=pinned)  # [text_len, D]
+        host[:n] = emb[:n]
+        row = host.to(self.device, non_blocking=True) if pinned else host.to(self.device)
+        self.uploads += 1
+        self._rows[index] = (row, n)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+        return row, n
+
+    def get(self, indices) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        rows = [self._row(int(i)) for i in indices]
+        text = torch.stack([row for row, _ in rows])  # [b, text_len, D], a device-side copy
+        lengths = [n for _, n in rows]
+        host_lengths = torch.tensor(lengths, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        mask = self._positions[None, :] < host_lengths.to(self.device, non_blocking=True)[:, None]  # [b, text_len]
+        return text, mask, lengths
 
 
 def pad_text(contexts: list[torch.Tensor], length: int) -> tuple[np.ndarray, np.ndarray]:

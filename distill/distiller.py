@@ -44,9 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from student_jax.config import saved_student_fields
+
 from . import config as config_lib
 from .config import Config
-from .data import EmbeddingCache, image_folder, load_prompts, pad_text
+from .data import DeviceText, EmbeddingCache, image_folder, load_prompts, text_dtype
 from .datastage import DataStage, EmbeddingLRU, Prefetcher, ShardedDataset
 from .evaluators import QualityEvaluator, VelocityError, eval_batch
 from .memory import MemoryPlanError, check as check_memory, plan_memory
@@ -144,22 +146,31 @@ class SigtermWatchdog:
         os.close(self._write)
 
 
-def _prepare_batch(rng, step, x0_teacher, band=None, *, shift, student_cfg):
-    """x0 in teacher space [B,16,H,W] -> student-space x_t, t, and the teacher's input x_t [B,16,H,W].
+def _noise_levels(rng, step, band=None, *, batch, shift):
+    """The step's noise levels s [B] and timesteps t = 1000 s [B] (run on the host's CPU device).
 
     band: the expert phase's timestep band (distill.phases), or None for the whole density."""
+    from student_jax.train_step import draw_noise_levels
+
+    s = draw_noise_levels(rng, step, batch, shift, band)
+    return s, 1000.0 * s
+
+
+def _prepare_batch(rng, step, x0_teacher, s, *, student_cfg):
+    """x0 in teacher space [B,16,H,W] and noise levels s [B] -> student-space x_t, t, and the teacher's
+    input x_t [B,16,H,W]."""
     from student_jax.projection import from_teacher, to_teacher
     from student_jax.train_step import make_noisy_batch
 
     x0 = from_teacher(x0_teacher, student_cfg)
-    noisy = make_noisy_batch(rng, step, x0, shift, band)
+    noisy = make_noisy_batch(rng, step, x0, shift=None, s=s)
     return noisy["x_t"], noisy["t"], to_teacher(noisy["x_t"], student_cfg)
 
 
 class StudentStep:
     """The student's model, optimizer, objective, abstract state, shardings and train step."""
 
-    def __init__(self, cfg: Config, rt, latent_hw, text_len: int):
+    def __init__(self, cfg: Config, rt, latent_hw, text_len: int, text_array_dtype=np.float32):
         import jax
         from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -189,7 +200,7 @@ class StudentStep:
         )
         b, c, (h, w) = cfg.train.batch_size, cfg.student.latent_channels, latent_hw
         shapes = dict(x_t=((b, c, h, w), np.float32), t=((b,), np.float32),
-                      text=((b, text_len, cfg.student.text_dim), np.float32), text_mask=((b, text_len), bool),
+                      text=((b, text_len, cfg.student.text_dim), text_array_dtype), text_mask=((b, text_len), bool),
                       target=((b, cfg.student.teacher_channels, h, w), np.float32))
         self.abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharded)
                                for k, (shape, dtype) in shapes.items()}
@@ -288,7 +299,11 @@ class Distiller:
                 raise SystemExit(f"error: {error}") from None
         # the student step is compiled ahead, before the teacher takes any memory: on GPU XLA's own
         # figure for it is checked against the JAX budget
-        self.student = StudentStep(cfg, rt, self.latent_hw, self.text_len)
+        import jax.numpy as jnp
+
+        self.text_dtype = text_dtype(cfg, rt.platform)
+        self.student = StudentStep(cfg, rt, self.latent_hw, self.text_len,
+                                   text_array_dtype=jnp.bfloat16 if self.text_dtype == torch.bfloat16 else np.float32)
         if compile_student:
             try:
                 need = self.student.compile_and_check(self.plan, cfg)
@@ -359,7 +374,7 @@ class Distiller:
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                         student.abstract, student.state_shardings)
         self.state, saved_cfg, restored = self.checkpointer.restore(target)
-        if saved_cfg.get("student") != self.cfg_dict["student"]:
+        if saved_student_fields(saved_cfg.get("student", {})) != self.cfg_dict["student"]:
             raise TrainingError(
                 f"{self.workdir} holds a checkpoint of a different student ({saved_cfg.get('student')}); "
                 "use another --workdir or the same --student.* settings"
@@ -383,16 +398,28 @@ class Distiller:
         if self.phases.enabled:
             log.info("expert-phased batches: %d steps per phase, high-noise expert with p = %.3f", phase_steps,
                      self.phases.p_high)
+        # Per-step randomness stays fold_in(state.rng, step). The noise levels are drawn on the host's
+        # CPU device (a few floats): the teacher routes samples to experts by them with no device round
+        # trip. The base key is copied once to both sides, so preparing step k never waits for the
+        # student step before it (the donated state is not an input).
+        rng = np.asarray(jax.device_get(self.state.rng))
+        self.host_cpu = jax.local_devices(backend="cpu")[0]
+        self.host_rng = jax.device_put(rng, self.host_cpu)
+        self.device_rng = jax.device_put(rng, student.replicated)
+        self.noise_levels_fn = jax.jit(functools.partial(_noise_levels, batch=cfg.train.batch_size,
+                                                         shift=cfg.data.timestep_shift))
         self.prepare_fn = jax.jit(
-            functools.partial(_prepare_batch, shift=cfg.data.timestep_shift, student_cfg=cfg.student),
-            in_shardings=(student.replicated, student.replicated, student.sharded)
-            + ((student.replicated,) if self.phases.enabled else ()),
+            functools.partial(_prepare_batch, student_cfg=cfg.student),
+            in_shardings=(student.replicated, student.replicated, student.sharded, student.replicated),
             out_shardings=(student.sharded, student.sharded, student.sharded),
         )
         self.evaluators = self._build_evaluators()
         self.local_rows = rt.batch_slice(cfg.train.batch_size)
         per_rank = cfg.train.batch_size // rt.world_size
         self.group_rows = slice(rt.dp_rank * rt.sp * per_rank, (rt.dp_rank + 1) * rt.sp * per_rank)
+        self.mine_in_group = slice(rt.sp_rank * per_rank, (rt.sp_rank + 1) * per_rank)
+        self.text = DeviceText(self.train_contexts, self.text_len, rt.torch_device, self.text_dtype,
+                               capacity=cfg.data.device_text_prompts)
 
     def _replicate(self, array: np.ndarray):
         import jax
@@ -416,40 +443,55 @@ class Distiller:
     # ------------------------------------------------------------------ running
 
     def _load_batch(self, step: int):
-        """This rank's rows of step `step` (read from the shards) and its text; runs ahead in a thread."""
+        """Step `step`'s rows: this rank's x0 latents (read from the shards and already on their way to
+        the device) and the prompt of each row of its sp group. Runs ahead in the prefetch thread."""
+        import jax
+
         cfg = self.cfg
         rows = np.random.default_rng([cfg.train.seed, step]).integers(0, len(self.train_data), cfg.train.batch_size)
-        mine = rows[self.local_rows]
-        prompt_of = self.train_data.prompt_index
-        text, mask = pad_text([self.train_contexts[prompt_of[r]] for r in mine], self.text_len)
-        group_contexts = [self.train_contexts[prompt_of[r]] for r in rows[self.group_rows]]
-        return self.train_data.latents(mine), text, mask, group_contexts
+        x0 = jax.device_put(self.train_data.latents(rows[self.local_rows]), self.rt.jax_device)  # async upload
+        return x0, self.train_data.prompt_index[rows[self.group_rows]]
+
+    def _noisy(self, step: int, batch):
+        """Step `step`'s noisy latents from its batch: (x_t, t, teacher input, t on the host, prompts).
+
+        The noise levels come from the host's CPU device, everything else is queued on the device:
+        nothing here waits for it."""
+        from bridge.dlpack import local_to_global
+
+        x0_mine, group_prompts = batch
+        band = self.phases.band(step)
+        s, t_host = self.noise_levels_fn(self.host_rng, step, *(() if band is None else (band,)))
+        t_host = torch.from_numpy(np.array(t_host))  # [B] on the host: expert routing needs no sync
+        x_t, t, x_t_teacher = self.prepare_fn(self.device_rng, np.int32(step), local_to_global(x0_mine, self.rt.mesh),
+                                              np.asarray(s))
+        return x_t, t, x_t_teacher, t_host, group_prompts
 
     def step(self, step: int, batch) -> dict:
-        """One optimisation step on `batch` (from `_load_batch(step)`); returns device metrics."""
-        import jax.numpy as jnp
+        """One optimisation step on `batch` (from `_load_batch(step)`); returns device metrics.
 
-        from bridge.dlpack import global_to_local, jax_to_teacher_inputs, jax_to_torch, local_to_global
-        from bridge.dlpack import teacher_outputs_to_jax
+        Nothing here waits for the device: the noise levels come from the host, the text from the
+        device cache, and every tensor crosses between torch and JAX through `bridge` without a copy
+        (tests/test_data_path.py checks for synchronisation on the GPU), so the host queues the next
+        step while this one runs."""
+        from bridge.dlpack import global_to_local, jax_to_teacher_inputs, local_to_global, teacher_outputs_to_jax
+        from bridge.dlpack import torch_to_jax
 
         mesh = self.rt.mesh
-        x0_mine, text, mask, group_contexts = batch
-        x0_global = local_to_global(jnp.asarray(x0_mine), mesh)
-        band = self.phases.band(step)
-        x_t, t, x_t_teacher = self.prepare_fn(self.state.rng, jnp.int32(step), x0_global,
-                                              *(() if band is None else (band,)))
-        # torch teacher on this rank's shard (zero-copy both ways where devices match); with sp > 1
-        # the teacher runs once per sp group on the group's rows
-        t_local = jax_to_torch(global_to_local(t)).cpu()
+        x_t, t, x_t_teacher, t_host, group_prompts = self._noisy(step, batch)
+        # the teacher runs once per sp group on the group's rows (sp = 1: this rank's)
+        text, mask, lengths = self.text.get(group_prompts)  # [g, text_len, D], [g, text_len] on the device
+        contexts = [text[i, :n] for i, n in enumerate(lengths)]  # views, no copies
         latents = [x.to(self.teacher.device) for x in jax_to_teacher_inputs(global_to_local(x_t_teacher))]
-        target = self.teacher.group_targets(latents, t_local, group_contexts)
+        target = self.teacher.group_targets(latents, t_host[self.group_rows], contexts)
         target_global = local_to_global(teacher_outputs_to_jax(target), mesh)
-        upcoming = self.phases.expert(step + 1)
+        next_expert = self.phases.expert(step + 1)
         residency = self.pipe.residency
-        if upcoming is not None and residency.mode == "swap" and upcoming != residency.active:
-            residency.prefetch(upcoming)  # the copy overlaps the student step queued next
-        inputs = dict(x_t=x_t, t=t, text=local_to_global(jnp.asarray(text), mesh),
-                      text_mask=local_to_global(jnp.asarray(mask), mesh), target=target_global)
+        if next_expert is not None and residency.mode == "swap" and next_expert != residency.active:
+            residency.prefetch(next_expert)  # the copy overlaps the student step queued next
+        mine = self.mine_in_group
+        inputs = dict(x_t=x_t, t=t, text=local_to_global(torch_to_jax(text[mine]), mesh),
+                      text_mask=local_to_global(torch_to_jax(mask[mine]), mesh), target=target_global)
         self.state, metrics = self.student.step_fn(self.state, inputs)
         return metrics
 

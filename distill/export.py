@@ -37,7 +37,11 @@ class RestoredRun:
 
 
 def run_config(workdir: str | Path) -> config_lib.Config:
-    """The resolved config a run wrote into its workdir (a clear error when it is no run directory)."""
+    """The resolved config a run wrote into its workdir (a clear error when it is no run directory).
+
+    Student fields added since the run was saved take the value the run used (`config.from_dict`:
+    a run from before `scan_blocks` has the unrolled layout in its checkpoints).
+    """
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise UserError(f"{path} not found: --workdir must be a run directory made by train.py")
@@ -52,6 +56,7 @@ def restore_ema(workdir: str | Path) -> RestoredRun:
     parameters; the optimizer state's layout does not depend on the schedule's lengths).
     """
     from student_jax.checkpoint import Checkpointer, NoCheckpointError
+    from student_jax.config import saved_student_fields
     from student_jax.objectives import make_objective
     from student_jax.state import abstract_train_state
 
@@ -74,7 +79,7 @@ def restore_ema(workdir: str | Path) -> RestoredRun:
             raise UserError(str(error)) from None
     finally:
         checkpointer.close()
-    if saved_cfg.get("student") != config_lib.to_dict(cfg)["student"]:
+    if saved_student_fields(saved_cfg.get("student", {})) != config_lib.to_dict(cfg)["student"]:
         raise UserError(f"the checkpoint at step {step} in {folder} holds another student than "
                         f"{workdir / 'config.json'} says ({saved_cfg.get('student')})")
     return RestoredRun(cfg=cfg, workdir=workdir, step=int(step), ema=state.ema)

@@ -23,6 +23,8 @@ import dataclasses
 import logging
 import math
 
+import torch
+
 log = logging.getLogger(__name__)
 
 GB = 1e9
@@ -129,6 +131,12 @@ def plan_memory(cfg, wan_config, world: int, usable_bytes: float, is_main: bool 
     if not teacher.on_cpu and teacher.device_strategy != "cpu":
         t5_bytes = t5.param_count() * 2 / (world if teacher.device_strategy == "balanced" else 1)
     lines.append(("umT5 while encoding prompts (freed before training)", t5_bytes))
+    from .data import text_dtype
+
+    text_bytes = (cfg.data.device_text_prompts * wan_config.text_len * t5.dim
+                  * (2 if text_dtype(cfg, "cuda") == torch.bfloat16 else 4))
+    lines.append((f"text embeddings kept on the GPU ({cfg.data.device_text_prompts} prompts)", text_bytes))
+    resident += text_bytes
 
     tokens = (cfg.data.height // 16) * (cfg.data.width // 16)
     per_rank = max(1, cfg.train.batch_size // world)
@@ -180,16 +188,24 @@ def check(plan: MemoryPlan, cfg, world: int) -> None:
         )
 
 
-def check_compiled(compiled, plan: MemoryPlan, cfg) -> float | None:
-    """XLA's own figure for the compiled train step (bytes), checked against the JAX budget."""
+def compiled_bytes(compiled) -> float | None:
+    """XLA's own figure for a compiled computation's device memory (bytes): arguments, outputs and
+    temporaries, donated buffers counted once; None where the backend does not report it."""
     try:
         stats = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend reports it
         return None
     if stats is None:
         return None
-    need = float(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    return float(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
                  - stats.alias_size_in_bytes)
+
+
+def check_compiled(compiled, plan: MemoryPlan, cfg) -> float | None:
+    """XLA's own figure for the compiled train step (bytes), checked against the JAX budget."""
+    need = compiled_bytes(compiled)
+    if need is None:
+        return None
     if need > plan.jax_budget:
         raise MemoryPlanError(
             f"the compiled student step needs {need / GB:.1f} GB (XLA's figure) but JAX gets {plan.jax_budget / GB:.1f} GB; "

@@ -30,6 +30,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from student_jax.config import saved_student_fields
+
 from . import config as config_lib
 from .config import Config
 from .data import image_folder, read_prompt_lines
@@ -200,7 +202,7 @@ def check_resume(cfg: Config) -> None:
     if found is None:
         return
     saved, step, source = found
-    old = _flat(saved)
+    old = _flat({**saved, "student": saved_student_fields(saved.get("student", {}))})
     new = _flat(json.loads(json.dumps(config_lib.to_dict(cfg))))  # through JSON: tuples become lists
     differ = sorted(k for k in set(old) | set(new)
                     if any(k == key or k.startswith(key + ".") for key in RESUME_KEYS) and old.get(k) != new.get(k))

@@ -103,13 +103,16 @@ class RunSampler:
     # ------------------------------------------------------------------ images
 
     def latents(self, contexts: list, seeds: list[int], steps: int, solver: str | None = None,
-                latent_hw: tuple[int, int] | None = None, batch: int = 16) -> np.ndarray:
-        """Student samples [P, S, 16, h, w] (teacher latent space) for P contexts x S seeds.
+                latent_hw: tuple[int, int] | None = None, batch: int = 16):
+        """Student samples [P, S, 16, h, w] (teacher latent space, a torch tensor on the student's device,
+        handed over through `bridge`) for P contexts x S seeds.
 
         Rows go through the jitted sampler in batches of `batch`; the last one is padded to that size
         so that one compilation serves every batch."""
         import jax.numpy as jnp
+        import torch
 
+        from bridge.dlpack import jax_to_torch
         from student_jax.projection import to_teacher
         from student_jax.sampler import sample
 
@@ -129,8 +132,8 @@ class RunSampler:
             text, mask = pad_text([contexts[p] for p, _ in part], self.wan_config.text_len)  # [b, L, D], [b, L]
             x0 = sample(self.run.ema, self.model, jnp.asarray(noise), jnp.asarray(text), jnp.asarray(mask),
                         steps=steps, shift=float(self.wan_config.sample_shift), solver=solver)
-            out.append(np.asarray(to_teacher(x0, cfg.student)))  # [b, 16, h, w]
-        flat = np.concatenate(out)[:len(rows)]
+            out.append(jax_to_torch(to_teacher(x0, cfg.student)))  # [b, 16, h, w], through the bridge: no copy
+        flat = torch.cat(out)[:len(rows)]
         return flat.reshape(len(contexts), len(seeds), *flat.shape[1:])  # [P, S, 16, h, w]
 
     @property
@@ -143,14 +146,12 @@ class RunSampler:
                                    dim=stated.get("vae_dim"))
         return self._vae
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Teacher-space latents [..., 16, h, w] -> uint8 images [..., H, W, 3]."""
-        import torch
-
+    def decode(self, latents) -> np.ndarray:
+        """Teacher-space latents [..., 16, h, w] (a torch tensor) -> uint8 images [..., H, W, 3]."""
         from .quality import decode
 
         lead = latents.shape[:-3]
-        images, _ = decode(self.vae, torch.from_numpy(np.ascontiguousarray(latents.reshape(-1, *latents.shape[-3:]))))
+        images, _ = decode(self.vae, latents.reshape(-1, *latents.shape[-3:]))
         return images.reshape(*lead, *images.shape[1:])
 
     def images(self, prompts: list[str], seeds: list[int], steps: int, solver: str | None = None,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from wan.compile import resolve as resolve_compile
 from wan.configs import WAN_CONFIGS, load_config
 from wan.text2video import WanT2V, normalize_guide_scale
 
@@ -64,7 +65,7 @@ def build_pipeline(folder: Path, config, teacher_cfg, rt) -> WanT2V:
         parallel = TeacherParallel(rt.torch_mesh)
     return WanT2V(config, folder, device=device, t5_cpu=t5_cpu, init_on_cpu=not on_gpu, convert_model_dtype=bf16,
                   dit_fsdp=fsdp, t5_fsdp=fsdp and not t5_cpu, use_sp=teacher_cfg.sp > 1, parallel=parallel,
-                  expert_offload=teacher_cfg.offload)
+                  expert_offload=teacher_cfg.offload, compile_dit=resolve_compile(teacher_cfg.compile, device))
 
 
 def free_text_encoder(pipe: WanT2V) -> None:
@@ -97,26 +98,27 @@ class Teacher:
 
     @torch.no_grad()
     def targets(self, latents: list[torch.Tensor], timesteps: torch.Tensor, contexts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """latents: list of [16, 1, H, W]; timesteps [B] (t = 1000 s); contexts: list of [L_i, 4096]."""
+        """latents: list of [16, 1, H, W]; timesteps [B] (t = 1000 s; on the host, or one sync to route
+        them); contexts: list of [L_i, 4096]."""
         contexts = [c.to(self.device) for c in contexts]
         null = [self.context_null] * len(latents) if self.loss == "cfg" else None
         return self.pipe.denoise(latents, timesteps, contexts, null, self.guide_scale)
 
     @torch.no_grad()
-    def group_targets(self, latents: list[torch.Tensor], timesteps: torch.Tensor,
+    def group_targets(self, latents: list[torch.Tensor], group_timesteps: torch.Tensor,
                       group_contexts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Targets of this rank's samples when the teacher runs per sp group.
 
-        latents / timesteps: this rank's b samples; group_contexts: the contexts of the whole sp group's
-        samples in rank order (every rank knows which rows its group holds). The group's latents are
-        gathered, the teacher runs once on them with the sequence split over the group, and this rank
-        keeps its own b targets.
+        latents: this rank's b samples; group_timesteps / group_contexts: those of the whole sp group's
+        samples in rank order (every rank knows which rows its group holds; the timesteps on the host,
+        so routing them to experts needs no device round trip). The group's latents are gathered, the
+        teacher runs once on them with the sequence split over the group, and this rank keeps its own
+        b targets.
         """
         if self.parallel is None:
-            return self.targets(latents, timesteps, group_contexts)
+            return self.targets(latents, group_timesteps, group_contexts)
         b = len(latents)
         group_x = self.parallel.gather_sp(torch.stack(latents))  # [sp * b, 16, 1, h, w]
-        group_t = self.parallel.gather_sp(timesteps.to(group_x.device))  # [sp * b]
-        out = self.targets(list(group_x), group_t, group_contexts)
+        out = self.targets(list(group_x), group_timesteps, group_contexts)
         mine = self.parallel.sp_rank * b
         return out[mine : mine + b]

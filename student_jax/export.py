@@ -4,7 +4,9 @@ Owns the export format, which needs only `student_jax`, numpy, safetensors, flax
 no `distill`, no orbax), so a student can be used where the distillation code cannot be installed:
 
     DIR/model.safetensors   every parameter, float32 as trained, named by its path in the flax
-                            tree joined with "." (`blocks_0.self_attn.q.kernel`, `final_proj.bias`)
+                            tree joined with "." (`blocks_0.self_attn.q.kernel`, `final_proj.bias`),
+                            the blocks always one by one: a scanned student's stacked `blocks`
+                            (`StudentConfig.scan_blocks`) are unstacked on save and restacked on load
     DIR/config.json         {"format": "wan-distill-student", "format_version": 1,
                              "student": the StudentConfig fields,
                              "sampling": what drawing a sample needs besides the weights (see below),
@@ -17,7 +19,9 @@ fixed map into the VAE's 16 channels when latent_channels != 16, `student_jax.pr
 
 `save_student(dir, params, cfg)` writes both files (each atomically: a temporary file renamed
 into place); `load_student(dir) -> (model, params, cfg)` reads them back bit for bit and checks
-every parameter's name and shape against the model the config builds, naming what differs.
+every parameter's name and shape against the model the config builds, naming what differs. So the
+file does not depend on `scan_blocks`: an export written by either layout, or before the field
+existed (the config's default, True, then applies), loads into the layout its config.json names.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from student_jax.config import StudentConfig
-from student_jax.model import Student
+from student_jax.model import Student, stack_blocks, unstack_blocks
 
 __all__ = ["CONFIG_FILE", "EXPORT_FORMAT", "ExportError", "WEIGHTS_FILE", "flatten_params", "load_student",
            "read_export_config", "save_student", "unflatten_params"]
@@ -114,7 +118,7 @@ def save_student(directory: str | os.PathLike, params: Any, cfg: StudentConfig,
     clashes = [f"{k}={sampling[k]!r} (cfg: {v!r})" for k, v in layout.items() if k in sampling and sampling[k] != v]
     if clashes:
         raise ValueError(f"save_student: info['sampling'] contradicts the StudentConfig: {', '.join(clashes)}")
-    flat = flatten_params(params)
+    flat = flatten_params(unstack_blocks(params))  # per-block names whatever the layout
     not_float32 = sorted(k for k, v in flat.items() if v.dtype != np.float32)
     if not_float32:  # the student keeps float32 parameters (bf16 is a compute dtype only)
         raise ValueError(f"save_student: parameters must be float32, got {flat[not_float32[0]].dtype} for "
@@ -144,8 +148,10 @@ def read_export_config(directory: str | os.PathLike) -> dict:
 
 
 def _expected_shapes(model: Student) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter the model defines (abstractly: no memory, no compute)."""
-    cfg = model.cfg
+    """Name -> shape of every parameter the model defines (abstractly: no memory, no compute), in the
+    export's per-block naming."""
+    cfg = dataclasses.replace(model.cfg, scan_blocks=False)
+    model = Student(cfg)
     x = jax.ShapeDtypeStruct((1, cfg.latent_channels, cfg.patch_size, cfg.patch_size), jnp.float32)  # [1, C, p, p]
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     text = jax.ShapeDtypeStruct((1, 1, cfg.text_dim), jnp.float32)  # [1, L=1, text_dim]
@@ -183,5 +189,8 @@ def load_student(directory: str | os.PathLike) -> tuple[Student, dict, StudentCo
                  for label, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched))
                  if items]
         raise ExportError(f"{weights} does not fit the student of {folder / CONFIG_FILE}: " + "; ".join(parts))
-    params = jax.tree_util.tree_map(jnp.asarray, unflatten_params(flat))
+    params = unflatten_params(flat)
+    if cfg.scan_blocks:
+        params = stack_blocks(params, cfg.depth)  # numpy: stacked on the host
+    params = jax.tree_util.tree_map(jnp.asarray, params)
     return model, params, cfg

@@ -21,6 +21,13 @@ steps stable):
   * The final projection starts at zero: the initial prediction is exactly 0.
 Other Dense kernels are xavier-uniform (DiT), the timestep MLP normal(0.02).
 
+With cfg.scan_blocks (the default) the blocks run as one `flax.linen.scan` over parameters stacked
+on a leading layer axis (`blocks/...` [depth, ...]), so XLA traces and compiles one block whatever the
+depth; otherwise they are unrolled (`blocks_0/...`, `blocks_1/...`). Both compute the same function;
+`stack_blocks` / `unstack_blocks` convert one layout into the other (exports use the unrolled names).
+Initial values differ between the layouts: the scan draws each layer's key by splitting, the
+unrolled blocks by their names.
+
 Attention uses RMS-normalised queries and keys (QK-norm, as in the Wan DiT) for bf16 stability.
 Text positions where text_mask is False are zeroed before the projection and masked out of the
 cross-attention; a sample whose mask is all False gets no cross-attention contribution and a zero
@@ -41,7 +48,11 @@ import numpy as np
 
 from student_jax.config import StudentConfig
 
-__all__ = ["Student", "patchify", "sincos_pos_embed_2d", "timestep_embedding", "unpatchify"]
+__all__ = ["STACKED_BLOCKS", "Student", "patchify", "sincos_pos_embed_2d", "stack_blocks", "timestep_embedding",
+           "unpatchify", "unstack_blocks"]
+
+# With cfg.scan_blocks the blocks' parameters live under this name, each with a leading layer axis.
+STACKED_BLOCKS = "blocks"
 
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
@@ -183,6 +194,66 @@ class Block(nn.Module):
         return x + gate_mlp[:, None, :] * Mlp(cfg, name="mlp")(h)  # [B, N, D]
 
 
+def _block_step(block: Block, x: jax.Array, cond: jax.Array, text: jax.Array, text_mask: jax.Array):
+    return block(x, cond, text, text_mask), None  # (carry [B, N, D], no per-layer output)
+
+
+def _scanned_blocks(cfg: StudentConfig, tokens, cond, text, text_mask, name: str) -> jax.Array:
+    """The `cfg.depth` blocks as one lax.scan: traced and compiled once, whatever the depth.
+
+    Parameters get a leading layer axis ([depth, ...] under `name`); `split_rngs` draws each layer's
+    initial values from its own key. The residual stream is the carry; cond, text and text_mask are
+    the same for every layer (broadcast). remat wraps the block inside the scan, so the backward pass
+    keeps one carry per layer and recomputes the rest; the scan already stops XLA from merging the
+    recomputation with the forward pass, hence prevent_cse=False (flax's advice under scan).
+    """
+    block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    scan = nn.scan(
+        _block_step,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.depth,
+    )
+    tokens, _ = scan(block_cls(cfg, name=name), tokens, cond, text, text_mask)
+    return tokens  # [B, N, D]
+
+
+def unstack_blocks(params: dict) -> dict:
+    """Scanned parameter layout -> unrolled: `blocks/...` [depth, ...] becomes `blocks_0/...`, `blocks_1/...`.
+
+    A tree without `blocks` (already unrolled) is returned as is. Works on numpy and jax leaves.
+    """
+    if STACKED_BLOCKS not in params:
+        return params
+    stacked = params[STACKED_BLOCKS]
+    depth = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+    if len(depth) != 1:
+        raise ValueError(f"unstack_blocks: the leaves of {STACKED_BLOCKS!r} disagree on the layer count: {sorted(depth)}")
+    out = {k: v for k, v in params.items() if k != STACKED_BLOCKS}
+    for index in range(depth.pop()):
+        out[f"blocks_{index}"] = jax.tree.map(lambda leaf, i=index: leaf[i], stacked)
+    return out
+
+
+def stack_blocks(params: dict, depth: int) -> dict:
+    """Unrolled parameter layout -> scanned: `blocks_0/...` ... `blocks_{depth-1}/...` stacked on a new axis 0
+    under `blocks`. The inverse of `unstack_blocks`, bitwise; numpy leaves stay numpy."""
+    names = [f"blocks_{index}" for index in range(depth)]
+    missing = [name for name in names if name not in params]
+    unexpected = sorted(k for k in params if k == STACKED_BLOCKS or (k.startswith("blocks_") and k not in names))
+    if missing or unexpected:
+        raise ValueError(f"stack_blocks: expected exactly blocks_0 ... blocks_{depth - 1}; missing {missing}, "
+                         f"unexpected {unexpected}")
+
+    def stack(*leaves):
+        return np.stack(leaves) if all(isinstance(leaf, np.ndarray) for leaf in leaves) else jnp.stack(leaves)
+
+    out = {k: v for k, v in params.items() if k not in names}
+    out[STACKED_BLOCKS] = jax.tree.map(stack, *(params[name] for name in names))  # each leaf [depth, ...]
+    return out
+
+
 class Student(nn.Module):
     """DiT-style flow-velocity predictor in the student's C-channel latent space.
 
@@ -252,9 +323,12 @@ class Student(nn.Module):
         pooled = nn.Dense(cfg.hidden_size, kernel_init=_xavier, name="text_pool", **dense)(pooled.astype(dtype))
         cond = t_emb + pooled  # [B, D]
 
-        block_cls = nn.remat(Block) if cfg.remat else Block
-        for index in range(cfg.depth):
-            tokens = block_cls(cfg, name=f"blocks_{index}")(tokens, cond, text, text_mask)  # [B, N, D]
+        if cfg.scan_blocks:
+            tokens = _scanned_blocks(cfg, tokens, cond, text, text_mask, name=STACKED_BLOCKS)  # [B, N, D]
+        else:
+            block_cls = nn.remat(Block) if cfg.remat else Block
+            for index in range(cfg.depth):
+                tokens = block_cls(cfg, name=f"blocks_{index}")(tokens, cond, text, text_mask)  # [B, N, D]
 
         final_modulation = nn.Dense(2 * cfg.hidden_size, kernel_init=_zeros, name="final_modulation", **dense)
         shift, scale = jnp.split(final_modulation(nn.silu(cond)), 2, axis=-1)  # 2 x [B, D]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from student_jax.config import OptimConfig
+from student_jax.model import STACKED_BLOCKS
 
 __all__ = ["current_learning_rate", "learning_rate", "make_optimizer"]
 
@@ -43,8 +44,13 @@ def learning_rate(cfg: OptimConfig, step) -> jax.Array:
 
 
 def _decay_mask(params):
-    # Decay matrices only: shrinking biases and norm scales towards 0 is not regularisation.
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    # Decay matrices only: shrinking biases and norm scales towards 0 is not regularisation. The
+    # scanned blocks' leaves carry a leading layer axis (a stacked bias is [depth, D]): not counted.
+    def is_matrix(path, p):
+        layer_axis = 1 if path and getattr(path[0], "key", None) == STACKED_BLOCKS else 0
+        return p.ndim - layer_axis >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

@@ -29,16 +29,27 @@ from student_jax.optim import current_learning_rate
 from student_jax.projection import to_teacher
 from student_jax.state import TrainState
 
-__all__ = ["BATCH_KEYS", "eval_velocity_error", "make_noisy_batch", "train_step"]
+__all__ = ["BATCH_KEYS", "draw_noise_levels", "eval_velocity_error", "make_noisy_batch", "train_step"]
 
 BATCH_KEYS = ("x_t", "t", "text", "text_mask", "target")
 _NAN_POLICIES = ("skip", "apply")
 
 
-def make_noisy_batch(rng: jax.Array, step, x0: jax.Array, shift: float, band: jax.Array | None = None) -> dict[str, jax.Array]:
+def draw_noise_levels(rng: jax.Array, step, batch: int, shift: float, band: jax.Array | None = None) -> jax.Array:
+    """The noise levels s [batch] of step `step`: exactly what `make_noisy_batch` draws.
+
+    Cheap and small, so a trainer can draw them on the host's CPU device and route each sample to a
+    teacher expert without a device round trip, then hand them to `make_noisy_batch(..., s=s)`."""
+    s_key, _ = jax.random.split(jax.random.fold_in(rng, step))
+    return sample_timesteps(s_key, batch, shift, band)  # [B]
+
+
+def make_noisy_batch(rng: jax.Array, step, x0: jax.Array, shift: float, band: jax.Array | None = None,
+                     s: jax.Array | None = None) -> dict[str, jax.Array]:
     """Noise a clean student-space batch x0 [B, C, H, W] for step `step`.
 
-    band: see `losses.sample_timesteps` (None: the whole timestep density).
+    band: see `losses.sample_timesteps` (None: the whole timestep density). s: the step's noise
+    levels when already drawn (`draw_noise_levels`); shift and band are then unused.
     Returns dict(x_t [B, C, H, W], t [B] = 1000 * s float32, eps [B, C, H, W]); all randomness comes
     from jax.random.fold_in(rng, step), so a resumed run draws the same noise at the same step.
     """
@@ -48,7 +59,8 @@ def make_noisy_batch(rng: jax.Array, step, x0: jax.Array, shift: float, band: ja
         )
     key = jax.random.fold_in(rng, step)
     s_key, eps_key = jax.random.split(key)
-    s = sample_timesteps(s_key, x0.shape[0], shift, band)  # [B]
+    if s is None:
+        s = sample_timesteps(s_key, x0.shape[0], shift, band)  # [B]
     eps = jax.random.normal(eps_key, x0.shape, dtype=x0.dtype)  # [B, C, H, W]
     return {"x_t": noisy_latents(x0, eps, s), "t": 1000.0 * s, "eps": eps}
 

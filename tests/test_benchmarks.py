@@ -7,12 +7,16 @@ import pytest
 from benchmarks.__main__ import FIGURES, dit_flops, main
 
 FIELDS = {
-    "teacher_forward": {"size", "batch", "tokens", "layers", "ms", "tflops"},
+    "teacher_forward": {"size", "batch", "tokens", "layers", "ms", "tflops", "compiled", "first_call_s"},
+    "teacher_sol": {"size", "batch", "tokens", "layers", "ms", "tflops", "teacher_eager_over_sol"},
+    "sdpa": {"size", "batch", "tokens", "backend", "ms", "tflops"},
     "t5_encode": {"batch", "text_len", "ms", "ms_per_prompt"},
     "vae_decode": {"size", "ms"},
-    "student_step": {"preset", "size", "batch", "compile_s", "ms", "samples_per_s", "peak_gb", "self_attention"},
+    "student_step": {"preset", "size", "batch", "compile_s", "ms", "samples_per_s", "peak_gb", "self_attention",
+                     "scan_blocks", "remat", "xla_gb"},
     "bridge": {"size", "batch", "ms", "student_step_ms", "percent_of_student_step"},
-    "distill_step": {"ms", "teacher_ms", "step_over_teacher", "samples_per_s_per_process", "processes"},
+    "distill_step": {"ms", "teacher_ms", "step_over_teacher", "samples_per_s_per_process", "processes",
+                     "teacher_layers", "step_over_teacher_at_40_layers", "bridge_percent_of_step"},
 }
 
 
@@ -28,8 +32,16 @@ def test_every_figure_prints_a_json_line(capsys, tmp_path):
         for line in by_figure[figure]:
             assert fields <= set(line), (figure, fields - set(line))
             assert line["ms"] > 0
+    assert [line["compiled"] for line in by_figure["teacher_forward"]] == [False, False]  # CPU: eager only
+    sol = by_figure["teacher_sol"][0]
+    forward = by_figure["teacher_forward"][0]
+    assert sol["teacher_eager_over_sol"] == pytest.approx(forward["ms"] / sol["ms"], rel=1e-3)
     step = by_figure["distill_step"][0]
-    assert step["ms"] >= step["teacher_ms"] > 0 and step["step_over_teacher"] >= 1.0
+    assert step["ms"] > 0 and step["teacher_ms"] > 0 and step["teacher_layers"] == 2
+    # the step's time outside the teacher is added unscaled to 20x the teacher time
+    outside = step["ms"] - step["teacher_ms"]
+    assert step["step_over_teacher_at_40_layers"] == pytest.approx(
+        (outside + 20 * step["teacher_ms"]) / (20 * step["teacher_ms"]), rel=1e-3)
     bridge = by_figure["bridge"][0]
     assert bridge["percent_of_student_step"] == pytest.approx(100 * bridge["ms"] / bridge["student_step_ms"], rel=1e-3)
 

@@ -646,3 +646,84 @@ def test_attention_cuda_half_matches_reference():
     exact = attention(q, k, v, k_lens=k_lens)  # float32 stays float32 on CUDA
     assert exact.dtype == torch.float32
     assert rel_l2(exact.cpu(), reference_attention(q.cpu(), k.cpu(), v.cpu(), k_lens)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile of the blocks (wan.compile)
+
+
+def _tiny_experts(seed: int = 3) -> list[WanModel]:
+    from wan.synthetic import TINY
+
+    torch.manual_seed(seed)
+    return [TINY["dit"].build().eval().requires_grad_(False) for _ in range(2)]
+
+
+def test_compiled_blocks_trace_to_one_graph_without_breaks():
+    """Every block of both experts traces to one graph, with no graph break when every sample fills
+    seq_len (the distillation case: no key mask); a padded batch runs its masked attention eagerly
+    (the `torch.compiler.disable`d length handling, nothing else breaks). Outputs equal eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from wan.compile import compile_dit
+
+    experts = _tiny_experts()
+    gen = torch.Generator().manual_seed(0)
+    x = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(2)]
+    ctx = [torch.randn(5, 4096, generator=gen), torch.randn(9, 4096, generator=gen)]
+    t = torch.tensor([900.0, 300.0])
+    with torch.no_grad():
+        eager = [(m(x, t, ctx, seq_len=16), m(x, t, ctx, seq_len=20)) for m in experts]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for model in experts:
+            compile_dit(model, backend="aot_eager")
+        with torch.no_grad():
+            full = [m(x, t, ctx, seq_len=16) for m in experts]
+            assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+            assert not counters["graph_break"], dict(counters["graph_break"])
+            padded = [m(x, t, ctx, seq_len=20) for m in experts]
+        assert counters["graph_break"], "the masked path should leave the graph"
+        assert all("_attention_with_lengths" in reason for reason in counters["graph_break"]), dict(counters["graph_break"])
+        for (want_full, want_padded), got_full, got_padded in zip(eager, full, padded):
+            for want, got in zip(want_full + want_padded, got_full + got_padded):
+                chex.assert_shape(got, want.shape)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_setting():
+    from wan.compile import resolve
+
+    assert resolve("auto", torch.device("cuda", 0)) and not resolve("auto", torch.device("cpu"))
+    assert resolve("on", torch.device("cpu")) and not resolve("off", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="one of"):
+        resolve("yes", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_compiled_bf16_matches_eager_cuda():
+    """Inductor's fused kernels compute what eager does under bf16 autocast (within bf16 rounding),
+    and both stay as close to upstream's float32 outputs as the eager bf16 test requires."""
+    from wan.compile import compile_dit
+
+    _, tensors, meta = golden_model("dit_t2v_1frame_b2")
+    model = WanModel(**meta["constructor"]).eval().requires_grad_(False)
+    model.load_state_dict(golden.weights(tensors), strict=True)
+    model.cuda()
+    xs, contexts = case_inputs(tensors)
+    args = ([x.cuda() for x in xs], tensors["inputs.t"].cuda(), [c.cuda() for c in contexts])
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = model(*args, seq_len=meta["call"]["seq_len"])
+            compile_dit(model)
+            compiled = model(*args, seq_len=meta["call"]["seq_len"])
+    finally:
+        torch._dynamo.reset()
+    for e, c, expected in zip(eager, compiled, golden.listed(tensors, "outputs.out")):
+        chex.assert_shape(c, e.shape)
+        assert rel_l2(c.cpu(), e.cpu()) < 1e-2
+        assert rel_l2(c.cpu(), expected) < 2e-2

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.numpy import load_file
 
 from distill import cli, config as config_lib
 from distill import export as export_cli
 from distill import sample as sample_cli
 from distill.loop import train
 from student_jax.export import ExportError, flatten_params, load_student, read_export_config
-from student_jax.model import Student
+from student_jax.model import Student, stack_blocks
 from student_jax.projection import to_teacher
 from student_jax.sampler import sample
 from tests.tiny_random_release import EVAL_PROMPTS, PROMPTS, tiny_flags
@@ -43,7 +44,8 @@ def trained(tmp_path_factory):
     cache = root / "cache"
     cfg = config_lib.parse(["--workdir", str(root / "run"), "--data.cache_dir", str(cache), *tiny_flags(cache),
                             "--train.steps", str(STEPS), "--train.eval_every", str(STEPS), "--train.sample_every", "0",
-                            "--ckpt.every", str(STEPS), "--ckpt.no_async_save", "--train.log_every", "1"])
+                            "--ckpt.every", str(STEPS), "--ckpt.no_async_save", "--train.log_every", "1",
+                            "--student.scan_blocks"])  # the scanned layout (every preset but tiny uses it)
     summary = train(cfg)
     assert summary["final_step"] == STEPS
     return root / "run", summary["state"]
@@ -77,9 +79,13 @@ def test_export_round_trip_is_the_checkpoints_ema_bitwise(trained, exported):
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
     model, params, cfg = load_student(exported)
     run_cfg = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
-    assert cfg == run_cfg.student
+    assert cfg == run_cfg.student and cfg.scan_blocks  # stacked blocks, in the run and loaded
     loaded, ema = flatten_params(params), flatten_params(state.ema)
-    assert list(loaded) == list(ema) and "blocks_0.self_attn.q.kernel" in loaded
+    assert list(loaded) == list(ema) and "blocks.self_attn.q.kernel" in loaded
+    # the file names the blocks one by one, whatever the layout (exports from before scan_blocks read the same)
+    stored = list(load_file(str(exported / "model.safetensors")))
+    assert "blocks_0.self_attn.q.kernel" in stored and f"blocks_{cfg.depth - 1}.mlp.fc2.bias" in stored
+    assert not any(name.startswith("blocks.") for name in stored)
     for name in ema:
         assert loaded[name].dtype == ema[name].dtype == np.float32, name
         assert loaded[name].shape == ema[name].shape, name
@@ -104,6 +110,30 @@ def test_export_round_trip_is_the_checkpoints_ema_bitwise(trained, exported):
     assert info["source"] == {"workdir": str(workdir.resolve()), "step": STEPS, "params": "ema",
                               "ema_decay": run_cfg.optim.ema_decay}
     assert info["param_count"] == sum(v.size for v in ema.values())
+
+
+def test_export_loads_into_either_block_layout(exported, tmp_path):
+    """The same weights file loads unrolled (scan_blocks false), or without the field at all (an export
+    from before it existed: the default, scanned); both give the same parameters and velocities."""
+    model, params, cfg = load_student(exported)
+    x, t, text, mask = _batch(cfg)
+    reference = jax.jit(model.apply)({"params": params}, x, t, text, mask)
+    weights = flatten_params(params)
+    for name, edit in (("unrolled", lambda student: {**student, "scan_blocks": False}),
+                       ("before_scan_blocks", lambda student: {k: v for k, v in student.items() if k != "scan_blocks"})):
+        folder = tmp_path / name
+        shutil.copytree(exported, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["student"] = edit(config["student"])
+        (folder / "config.json").write_text(json.dumps(config))
+        other_model, other_params, other_cfg = load_student(folder)
+        assert other_cfg.scan_blocks == (name != "unrolled")
+        assert ("blocks" in other_params) == other_cfg.scan_blocks
+        restacked = other_params if other_cfg.scan_blocks else stack_blocks(other_params, cfg.depth)
+        for key, value in flatten_params(restacked).items():  # bitwise the same weights
+            np.testing.assert_array_equal(value, weights[key], err_msg=f"{name}: {key}")
+        out = jax.jit(other_model.apply)({"params": other_params}, x, t, text, mask)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-6, rtol=1e-5, err_msg=name)
 
 
 def test_load_student_needs_neither_torch_nor_distill(exported):

@@ -19,7 +19,7 @@ from student_jax.checkpoint import Checkpointer, NoCheckpointError
 from student_jax.config import OptimConfig, student_preset
 from student_jax.state import TrainState, abstract_train_state, create_train_state
 
-TINY = student_preset("tiny")
+TINY = student_preset("tiny", scan_blocks=True)  # the scanned layout (every preset but tiny uses it)
 # grad_accum=2: the optimizer state then holds optax.MultiStepsState around the injected AdamW,
 # the deepest structure the trainer can produce.
 OPTIM = OptimConfig(lr=2e-3, warmup_steps=0, total_steps=1000, end_lr_ratio=1.0, ema_decay=0.9, grad_accum=2)
@@ -152,10 +152,27 @@ def test_restore_and_save_errors(tmp_path, make_state, abstract):
     # readable checkpoint is left where it is (a config mistake must not move good data aside).
     wrong = abstract_train_state(dataclasses.replace(TINY, hidden_size=32, num_heads=2), OPTIM, LATENT_HW, TEXT_LEN)
     with pytest.raises(NoCheckpointError, match="(?s)none of the checkpoints .* could be restored.*step 1.*"
-                       r"shape mismatches \(e.g. ema.blocks_0"):
+                       r"shape mismatches \(e.g. ema.blocks\."):
         checkpointer.restore(wrong)
     assert checkpointer.all_steps() == [1]
     assert not os.path.exists(tmp_path / "run" / "corrupt")
     with pytest.raises(ValueError, match="max_to_keep"):
         Checkpointer(tmp_path / "other", max_to_keep=0)
+    checkpointer.close()
+
+
+def test_the_other_block_layout_is_named_not_restored(tmp_path, abstract):
+    """A checkpoint of unrolled blocks (scan_blocks=False, or a run from before the field existed) does not
+    restore into the scanned layout; the error names both layouts' arrays, and the checkpoint stays where
+    it is and restores unrolled. Read back by a fresh Checkpointer, as a resumed run does."""
+    unrolled = dataclasses.replace(TINY, scan_blocks=False)
+    with Checkpointer(tmp_path / "run") as writer:
+        writer.save(1, create_train_state(unrolled, OPTIM, jax.random.PRNGKey(0), LATENT_HW, TEXT_LEN), CONFIG)
+    checkpointer = Checkpointer(tmp_path / "run")
+    with pytest.raises(NoCheckpointError, match=r"(?s)none of the checkpoints .* could be restored.*step 1.*"
+                       r"\bblocks\b.*\bblocks_0\b"):
+        checkpointer.restore(abstract)
+    assert checkpointer.all_steps() == [1] and not os.path.exists(tmp_path / "run" / "corrupt")
+    state, _, step = checkpointer.restore(abstract_train_state(unrolled, OPTIM, LATENT_HW, TEXT_LEN))
+    assert step == 1 and "blocks_1" in state.params and "blocks" not in state.params
     checkpointer.close()

@@ -7,10 +7,13 @@ modulated layer, unpatchify), loop by loop where a layout matters, and never cal
 or its helpers. It reads the flax parameter tree of a tiny random student in which the zero-initialised
 parts (adaLN / final modulation, cross-attention output, final projection) are set non-zero, so
 every path changes the output; the test also checks that the reference reads every parameter.
+Both block layouts are checked: the scanned one (the default; the reference reads its stacked
+`blocks` unstacked into `blocks_0`, `blocks_1`, ...) and the unrolled one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -20,7 +23,7 @@ import numpy as np
 import pytest
 
 from student_jax.config import StudentConfig
-from student_jax.model import Student
+from student_jax.model import Student, unstack_blocks
 
 CFG = StudentConfig(latent_channels=4, teacher_channels=4, patch_size=2, hidden_size=16, depth=2, num_heads=2,
                     mlp_ratio=2.0, text_dim=24, max_text_len=8)
@@ -175,14 +178,15 @@ def _leaf_names(tree, prefix=""):
     return names
 
 
-@pytest.fixture(scope="module")
-def case():
+@pytest.fixture(scope="module", params=[True, False], ids=["scan", "unrolled"])
+def case(request):
+    """(model, params in the model's own layout, x, t, text, mask); the reference reads unstack_blocks(params)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, CFG.latent_channels, HEIGHT, WIDTH)).astype(np.float32)
     t = np.array([999.0, 412.5, 3.0], np.float32)
     text = rng.standard_normal((BATCH, TEXT_LEN, CFG.text_dim)).astype(np.float32)
     mask = np.arange(TEXT_LEN)[None, :] < np.asarray(REAL_TOKENS)[:, None]
-    model = Student(CFG)
+    model = Student(dataclasses.replace(CFG, scan_blocks=request.param))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(t), jnp.asarray(text), jnp.asarray(mask))
     params = jax.tree_util.tree_map(np.asarray, params["params"])
 
@@ -204,9 +208,12 @@ def test_student_matches_numpy_reference(case):
     chex.assert_shape(out, (BATCH, CFG.latent_channels, HEIGHT, WIDTH))
     chex.assert_type(out, jnp.float32)
 
-    expected, seen = reference_forward(params, x, t, text, mask)
+    assert ("blocks" in params) == model.cfg.scan_blocks  # the layout under test
+    per_block = unstack_blocks(params)
+    expected, seen = reference_forward(per_block, x, t, text, mask)
     assert expected.shape == out.shape
-    assert seen == set(_leaf_names(params)), f"parameters the reference never reads: {set(_leaf_names(params)) - seen}"
+    names = set(_leaf_names(per_block))
+    assert seen == names, f"parameters the reference never reads: {names - seen}"
     out = np.asarray(out, np.float64)
     assert np.abs(expected).mean() > 0.1, "degenerate case: the reference output is almost zero"
     err = np.abs(out - expected)
@@ -218,6 +225,7 @@ def test_every_input_and_zero_init_path_matters(case):
     """The case is not degenerate: the text (where a mask allows it), the timestep and each
     zero-initialised layer move the reference output by far more than ATOL."""
     model, params, x, t, text, mask = case
+    params = unstack_blocks(params)
     base, _ = reference_forward(params, x, t, text, mask)
 
     other_text = text + 1.0

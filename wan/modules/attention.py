@@ -220,9 +220,26 @@ def attention(
             f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} do not fit q {tuple(q.shape)} "
             "(same batch and head_dim, k == v shape, q heads a multiple of k heads)"
         )
-    k_len = k.shape[1]
+    args = (dropout_p, softmax_scale, q_scale, causal, window_size, deterministic, dtype)
+    if q_lens is not None or k_lens is not None:
+        return _attention_with_lengths(q, k, v, q_lens, k_lens, *args)
+    return _attention(q, k, v, None, None, *args)
+
+
+@torch.compiler.disable
+def _attention_with_lengths(q, k, v, q_lens, k_lens, *args):
+    """Lengths are host-side data: validating them and choosing the kernel branches on their values,
+    so a compiled caller (`wan.compile`) runs this part eagerly (one clean graph break, no warnings);
+    lengths that mask nothing take the unmasked path."""
+    batch, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
     q_lens = _lengths(q_lens, batch, q_len, "q_lens")
     k_lens = _lengths(k_lens, batch, k_len, "k_lens")
+    return _attention(q, k, v, q_lens, k_lens, *args)
+
+
+def _attention(q, k, v, q_lens, k_lens, dropout_p, softmax_scale, q_scale, causal, window_size, deterministic,
+               dtype):
+    q_len, head_dim = q.shape[1], q.shape[3]
     out_dtype = q.dtype
     compute_dtype = _compute_dtype(q, dtype)
     if q_scale is not None:

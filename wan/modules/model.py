@@ -13,7 +13,10 @@ autocast. Without autocast (CPU, golden tests) everything is plain float32.
 
 Batching: each sample may have its own latent size, timestep (t of shape [B]) or per-token timesteps
 (t of shape [B, seq_len]). Token sequences are zero-padded to `seq_len`; self-attention ignores a
-sample's padded keys, so the outputs of valid tokens do not depend on `seq_len` or batch-mates.
+sample's padded keys, so the outputs of valid tokens do not depend on `seq_len` or batch-mates. When
+no sample is padded no key mask exists at all (SDPA's fastest kernels; no data-dependent branch for
+`wan.compile`). The block's elementwise math (`modulate`, `gated_residual`, norms, rotary) is plain
+torch, fused by `wan.compile` on GPU; the model itself knows nothing of compilation.
 """
 
 from __future__ import annotations
@@ -142,6 +145,30 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
+def matmul_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the block's linear layers compute in: the autocast dtype when autocast is on, else
+    the weights' own."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+# The block's elementwise math, as the reference computes it (float32 modulation and residual
+# stream), written so that each is one pass in eager mode and fuses with its neighbours under
+# torch.compile (`wan.compile.compile_dit`): the modulated activation is cast once to the matmul
+# dtype instead of once per consuming linear layer.
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """normed * (1 + scale) + shift in float32 (adaLN), returned in `dtype` for the next linear layers."""
+    return torch.addcmul(shift, normed.float(), 1 + scale).to(dtype)  # [B, L, dim]
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate in float32 (the residual stream stays float32 under autocast)."""
+    return torch.addcmul(x.float(), y, gate)  # [B, L, dim]
+
+
 # ----------------------------------------------------------------------------------------------
 # embeddings
 
@@ -171,29 +198,33 @@ def _axis_angles(length: int, band_dim: int, device: torch.device) -> torch.Tens
     return torch.cat([angles, angles.new_zeros(1, angles.shape[1])])  # [length + 1, band_dim/2]
 
 
-def rope_tables(grid_sizes: Sequence[Sequence[int]], seq_len: int, head_dim: int,
-                device: torch.device) -> torch.Tensor:
-    """Rotations (cos, sin) [B, seq_len, 1, head_dim/2, 2] (float32) of every token.
+def rope_table(grid: Sequence[int], seq_len: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    """Rotations (cos, sin) [seq_len, 1, head_dim/2, 2] (float32) of every token of one patch grid.
 
     Token n of a sample with patch grid (F, H, W) sits at (n // (H*W), n // W % H, n % W); the
     channel pairs of each band rotate by that band's position. The angles are computed in float64
     (as upstream) and only their cos/sin are rounded to float32, once per shape (the model caches
     the table), so the per-block rotation is float32 arithmetic: no float64 or complex kernels in the
-    hot path. Padded tokens get angle 0 (cos 1, sin 0), which leaves them exactly unchanged.
+    hot path. Padded tokens get angle 0 (cos 1, sin 0), which leaves them exactly unchanged. Built
+    on `device` from `arange`: no host data is uploaded (so no host synchronisation).
     """
-    grids = [tuple(int(s) for s in g) for g in grid_sizes]
-    longest = max(max(g) for g in grids)
-    bands = rope_band_dims(head_dim)
-    tables = [_axis_angles(longest, band, device) for band in bands]  # per axis [longest + 1, band/2]
-    # per-sample position indices (variable shapes make this loop unavoidable; it only builds ints)
-    index = torch.full((len(grids), seq_len, 3), longest, dtype=torch.long)  # padding -> identity row
-    for b, (f, h, w) in enumerate(grids):
-        token = torch.arange(f * h * w)
-        index[b, : f * h * w] = torch.stack([token // (h * w), token // w % h, token % w], dim=1)
-    index = index.to(device)
-    angles = torch.cat([table[index[..., axis]] for axis, table in enumerate(tables)], dim=-1)  # [B, L, hd/2]
-    angles = angles.unsqueeze(2)  # [B, L, 1, head_dim/2], broadcast over heads
-    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()  # [B, L, 1, head_dim/2, 2]
+    f, h, w = (int(s) for s in grid)
+    longest = max(f, h, w)
+    token = torch.arange(seq_len, device=device)  # [L]
+    valid = token < f * h * w
+    positions = (token // (h * w), token // w % h, token % w)  # per axis [L]
+    angles = []
+    for position, band in zip(positions, rope_band_dims(head_dim)):
+        table = _axis_angles(longest, band, device)  # [longest + 1, band/2]; the last row: identity
+        angles.append(table[torch.where(valid, position, longest)])  # [L, band/2]
+    angles = torch.cat(angles, dim=-1)[:, None]  # [L, 1, head_dim/2], broadcast over heads
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()  # [L, 1, head_dim/2, 2]
+
+
+def rope_tables(grid_sizes: Sequence[Sequence[int]], seq_len: int, head_dim: int,
+                device: torch.device) -> torch.Tensor:
+    """`rope_table` of every sample: [B, seq_len, 1, head_dim/2, 2] (float32)."""
+    return torch.stack([rope_table(g, seq_len, head_dim, device) for g in grid_sizes])
 
 
 def rope_apply(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -271,12 +302,15 @@ class WanSelfAttention(nn.Module):
         self.core = AttentionCore()
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim]; seq_lens [B] valid tokens per sample; freqs [B, L, 1, head_dim/2, 2] rope (cos, sin)."""
+        """x [B, L, dim]; seq_lens [B] valid tokens per sample (None: all); freqs [B, L, 1, head_dim/2, 2] rope."""
         heads_shape = (*x.shape[:2], self.num_heads, self.head_dim)
         q = self.norm_q(self.q(x)).view(heads_shape)  # [B, L, heads, head_dim]
         k = self.norm_k(self.k(x)).view(heads_shape)  # [B, L, heads, head_dim]
         v = self.v(x).view(heads_shape)  # [B, L, heads, head_dim]
-        out = self.core(rope_apply(q, freqs), rope_apply(k, freqs), v, seq_lens, self.window_size)
+        # rotated in float32, handed on in v's dtype: what attention would cast them to anyway, and
+        # half the bytes through sequence parallelism's all-to-all
+        q, k = rope_apply(q, freqs).type_as(v), rope_apply(k, freqs).type_as(v)
+        out = self.core(q, k, v, seq_lens, self.window_size)
         return self.o(out.flatten(2))  # [B, L, dim]
 
 
@@ -318,23 +352,22 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, seq_lens: torch.Tensor, freqs: torch.Tensor,
+    def forward(self, x: torch.Tensor, e: torch.Tensor, seq_lens: torch.Tensor | None, freqs: torch.Tensor,
                 context: torch.Tensor,
                 context_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, dim]; e [B, L or 1, 6, dim] float32 (time projection, per token or per sample)."""
+        """x [B, L, dim]; e [B, L or 1, 6, dim] float32 (time projection, per token or per sample);
+        seq_lens [B] valid tokens per sample, or None when every token is valid (no key mask)."""
         device_type = x.device.type
+        dtype = matmul_dtype(device_type, self.ffn[0].weight)
         with _float32_region(device_type):
             modulation = (self.modulation.unsqueeze(0) + e).chunk(6, dim=2)  # 6 x [B, L|1, 1, dim]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.squeeze(2) for m in modulation)
 
-        y = self.self_attn(self.norm1(x).float() * (1 + scale_msa) + shift_msa, seq_lens, freqs)
-        with _float32_region(device_type):
-            x = x + y * gate_msa
+        y = self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa, dtype), seq_lens, freqs)
+        x = gated_residual(x, y, gate_msa)
         x = x + self.cross_attn(self.norm3(x), context, context_lens)
-        y = self.ffn(self.norm2(x).float() * (1 + scale_mlp) + shift_mlp)
-        with _float32_region(device_type):
-            x = x + y * gate_mlp
-        return x
+        y = self.ffn(modulate(self.norm2(x), shift_mlp, scale_mlp, dtype))
+        return gated_residual(x, y, gate_mlp)
 
 
 class Head(nn.Module):
@@ -425,8 +458,8 @@ class WanModel(nn.Module):
             for _ in range(num_layers)
         )
         self.head = Head(dim, out_dim, patch_size, eps)
-        # rope rotations of the last call's shapes: the pipeline repeats one shape every step
-        self._rope_cache: tuple[tuple, torch.Tensor] | None = None
+        # rope rotations per (patch grid, seq_len, device): training repeats a few shapes every step
+        self._rope_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def head_dim(self) -> int:
@@ -538,15 +571,26 @@ class WanModel(nn.Module):
 
     def embed_text(self, context: list[torch.Tensor]) -> torch.Tensor:
         """Zero-pad each [L_i, text_dim] context to text_len rows, then embed: [B, text_len, dim]."""
-        padded = torch.stack([nn.functional.pad(c, (0, 0, 0, self.text_len - c.shape[0])) for c in context])
+        padded = nn.utils.rnn.pad_sequence(context, batch_first=True)  # [B, max L_i, text_dim], one op
+        padded = nn.functional.pad(padded, (0, 0, 0, self.text_len - padded.shape[1]))  # [B, text_len, text_dim]
         return self.text_embedding(padded)  # [B, text_len, dim]
 
     def rope(self, grid_sizes: torch.Tensor, seq_len: int, device: torch.device) -> torch.Tensor:
-        """Rope (cos, sin) [B, seq_len, 1, head_dim/2, 2] float32 for these patch grids (cached for the last shapes)."""
-        key = (tuple(map(tuple, grid_sizes.tolist())), seq_len, self.head_dim, str(device))
-        if self._rope_cache is None or self._rope_cache[0] != key:
-            self._rope_cache = (key, rope_tables(key[0], seq_len, self.head_dim, device))
-        return self._rope_cache[1]
+        """Rope (cos, sin) [B, seq_len, 1, head_dim/2, 2] float32 for these patch grids, from tables
+        cached per grid, so a batch of any size and mix of known grids costs no new table (one
+        broadcast view when every sample has the same grid)."""
+        grids = [tuple(g) for g in grid_sizes.tolist()]
+        tables = []
+        for grid in grids:
+            key = (grid, seq_len, str(device))
+            if key not in self._rope_cache:
+                if len(self._rope_cache) >= 64:  # shapes keep changing: start over rather than grow
+                    self._rope_cache.clear()
+                self._rope_cache[key] = rope_table(grid, seq_len, self.head_dim, device)
+            tables.append(self._rope_cache[key])
+        if all(g == grids[0] for g in grids):
+            return tables[0].expand(len(grids), *tables[0].shape)  # [B, L, 1, head_dim/2, 2], no copy
+        return torch.stack(tables)
 
     def forward(
         self,
@@ -580,18 +624,28 @@ class WanModel(nn.Module):
         e, e0 = self.embed_time(t, seq_len)
         text = self.embed_text(context)
         freqs = self.rope(grid_sizes, seq_len, device)
+        # no key mask at all when every sample fills seq_len (the distillation case): attention then
+        # takes SDPA's fastest kernels, and a compiled block sees no data-dependent branch
+        key_lens = None if bool((seq_lens == seq_len).all()) else seq_lens
         for block in self.blocks:
-            hidden = block(hidden, e0, seq_lens, freqs, text, None)
-        out = self.head(hidden, e)  # [B, seq_len, out_dim * prod(patch)]
-        return [u.float() for u in self.unpatchify(out, grid_sizes)]
+            hidden = block(hidden, e0, key_lens, freqs, text, None)
+        out = self.head(hidden, e).float()  # [B, seq_len, out_dim * prod(patch)]
+        return self.unpatchify(out, grid_sizes)
 
     def unpatchify(self, x: torch.Tensor, grid_sizes: torch.Tensor) -> list[torch.Tensor]:
         """[B, seq_len, out_dim*prod(patch)] -> list of [out_dim, F, H, W], dropping padded tokens."""
         pt, ph, pw = self.patch_size
+        grids = grid_sizes.tolist()
+        if all(g == grids[0] for g in grids):  # one batched reshape when every sample has the same grid
+            f, h, w = grids[0]
+            u = x[:, : f * h * w].reshape(x.shape[0], f, h, w, pt, ph, pw, self.out_dim)  # [B, F_p, H_p, W_p, pt, ph, pw, C]
+            # a permute, not an einsum: an einsum would run in the enclosing autocast's bf16
+            u = u.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F_p, pt, H_p, ph, W_p, pw]
+            return list(u.reshape(x.shape[0], self.out_dim, f * pt, h * ph, w * pw).unbind(0))  # B x [C, F, H, W]
         out = []
-        for u, (f, h, w) in zip(x, grid_sizes.tolist()):
+        for u, (f, h, w) in zip(x, grids):
             u = u[: f * h * w].view(f, h, w, pt, ph, pw, self.out_dim)  # [F_p, H_p, W_p, pt, ph, pw, C]
-            u = torch.einsum("fhwpqrc->cfphqwr", u)  # [C, F_p, pt, H_p, ph, W_p, pw]
+            u = u.permute(6, 0, 3, 1, 4, 2, 5)  # [C, F_p, pt, H_p, ph, W_p, pw]
             out.append(u.reshape(self.out_dim, f * pt, h * ph, w * pw))  # [C, F, H, W]
         return out
 

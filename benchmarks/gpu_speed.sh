@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One H200: the speed figures of the teacher (issue 9), each part into its own file under $OUT.
+#
+#   OUT=/tmp/out BASE=.bench_base PART=teacher bash benchmarks/gpu_speed.sh
+#   OUT=/tmp/out LAYERS=4 PART=loop bash benchmarks/gpu_speed.sh
+#
+# PART=teacher: `python -m benchmarks --full` teacher_forward (eager and compiled side by side),
+#   teacher_sol and sdpa; with BASE (a checkout of an earlier commit) the same forward of that code
+#   first, for a before/after in the same session; then the GPU tests of the DiT and the data path.
+# PART=loop: student_step for every preset (small: scanned and unrolled, each with and without remat;
+#   base: scanned, with and without remat) and the bridge at 1024x1024, then a full-width synthetic
+#   release (`python -m wan.synthetic`, LAYERS blocks per expert) and the real loop's distill_step on
+#   it (small student, batch 8, 1024x1024), compiled teacher.
+set -uo pipefail
+OUT=${OUT:-/tmp/speed_out}
+WORK=${WORK:-/tmp/speed}
+LAYERS=${LAYERS:-4}
+PART=${PART:-teacher}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
+REPO=$(pwd)
+
+if [ "$PART" = teacher ]; then
+  nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1
+  if [ -n "${BASE:-}" ]; then
+    (cd "$BASE" && python -m benchmarks --full --device cuda --peak-tflops 790 --figures teacher_forward) \
+      > "$OUT/teacher_base.jsonl" 2> "$OUT/teacher_base.err"
+  fi
+  python -m benchmarks --full --device cuda --peak-tflops 790 --figures teacher_forward teacher_sol sdpa \
+    > "$OUT/teacher.jsonl" 2> "$OUT/teacher.err"
+  python -m pytest -q -m gpu -p no:cacheprovider tests/test_dit.py tests/test_data_path.py \
+    > "$OUT/gpu_tests.log" 2>&1
+fi
+
+if [ "$PART" = loop ]; then
+  python -m benchmarks --full --device cuda --figures student_step bridge --presets tiny \
+    > "$OUT/student.jsonl" 2> "$OUT/student.err"
+  python -m benchmarks --full --device cuda --figures student_step --presets small --scan both --remat both \
+    >> "$OUT/student.jsonl" 2>> "$OUT/student.err"
+  python -m benchmarks --full --device cuda --figures student_step --presets base --remat both \
+    >> "$OUT/student.jsonl" 2>> "$OUT/student.err"
+  python -m wan.synthetic "$WORK/release" --layers "$LAYERS" --t5-layers 2 > "$OUT/synthetic.json" 2> "$OUT/synthetic.err"
+  printf '%s\n' "a red circle on a blue background" "two green squares on white" "a yellow triangle above a grey line" \
+    "a cat walks on the grass" "a small white star in the corner" "three purple dots in a row" \
+    "an orange square under a black circle" "a blue line across a red field" > "$WORK/prompts.txt"
+  printf '%s\n' "a green circle on a yellow background" "two red triangles" > "$WORK/eval_prompts.txt"
+  python -m benchmarks --device cuda --full --figures bridge distill_step --iters 6 --warmup 2 -- \
+    --preset a14b --teacher_path "$WORK/release" --teacher_on_cpu --data.prompts "$WORK/prompts.txt" \
+    --data.eval_prompts "$WORK/eval_prompts.txt" --data.gen_steps 2 --data.samples_per_prompt 1 \
+    --train.sample_every 0 --train.steps 100 --data.cache_dir "$WORK/cache" \
+    > "$OUT/distill_step.jsonl" 2> "$OUT/distill_step.err"
+fi
+exit 0
