@@ -32,7 +32,7 @@ def eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate, chunk:
     experts (with --teacher.offload every mixed chunk would swap them)."""
     import jax.numpy as jnp
 
-    from bridge.dlpack import jax_to_torch
+    from bridge.dlpack import jax_to_torch, teacher_outputs_to_jax
     from student_jax.projection import from_teacher, to_teacher
 
     x0_16 = eval_x0["latents"].numpy()
@@ -52,16 +52,16 @@ def eval_batch(cfg, eval_x0, eval_contexts, text_len, teacher, replicate, chunk:
     x_t16 = jax_to_torch(to_teacher(jnp.asarray(x_t), cfg.student))  # [E, 16, h, w]
     ctx = [eval_contexts[prompt_index[r]] for r in rows]
     order = np.argsort(-ts, kind="stable")  # high-noise expert's rows first
-    targets = [None] * len(rows)
+    chunks = []
     for i in range(0, len(rows), chunk):
         part = order[i : i + chunk]
         latents = [x_t16[j][:, None].to(teacher.device) for j in part]
         outs = teacher.targets(latents, torch.from_numpy(ts[part]), [ctx[j] for j in part])
-        for j, o in zip(part, outs):
-            targets[j] = o[:, 0].float().cpu()
+        chunks.append(teacher_outputs_to_jax([o.float() for o in outs]))  # [b, 16, h, w], through the bridge
+    target = jnp.concatenate(chunks)[np.argsort(order)]  # back to row order  [E, 16, h, w]
     text, mask = pad_text(ctx, text_len)
     return dict(x_t=replicate(x_t), t=replicate(ts), text=replicate(text), text_mask=replicate(mask),
-                target=replicate(torch.stack(targets).numpy()))
+                target=replicate(target))
 
 
 class VelocityError:
