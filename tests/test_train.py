@@ -313,15 +313,22 @@ def test_sequence_parallel_needs_a_divisor_of_the_world():
 @pytest.mark.parametrize("curve", ["tiny_40steps.json", "tiny_40steps_velocity.json"])
 def test_loss_curves_match_golden(tmp_path, cache_dir, curve):
     """The Distiller reproduces the CFG and velocity loss curves recorded with the loop before it
-    (on the random tiny teacher, expert phases off)."""
+    (on the random tiny teacher, expert phases off).
+
+    Tolerance: the tiny teacher's umT5 runs in bf16 on the CPU, whose matmul kernels (oneDNN or
+    ATen's, and their summation order) differ between CPU types (tests/test_t5.py), so the cached
+    text embeddings, and with them the curve, move with the machine: the same commit measured a
+    relative difference up to 8.3e-5 (CFG) and 3.1e-5 (velocity) on an AMD EPYC against the recorded
+    curves. 2e-4 is above that; a change of the student's initial weights alone moved the curves by
+    2e-3 (scanned blocks, tests/test_student_scan.py) and fails it."""
     golden_curve = json.loads((REPO / "tests" / "assets" / "losses" / curve).read_text())
     train(config_lib.parse(["--workdir", str(tmp_path / "g"), "--data.cache_dir", str(cache_dir),
                             *tiny_flags(cache_dir), *golden_curve["flags"]]))
     metrics = read_metrics(tmp_path / "g")
     losses = [m["loss"] for m in metrics if "loss" in m]
-    np.testing.assert_allclose(losses, golden_curve["loss"], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, golden_curve["loss"], rtol=2e-4, atol=1e-6)
     evals = {str(m["step"]): m["eval/rel_velocity_error"] for m in metrics if "eval/rel_velocity_error" in m}
-    np.testing.assert_allclose([evals[k] for k in golden_curve["eval"]], list(golden_curve["eval"].values()), rtol=2e-5)
+    np.testing.assert_allclose([evals[k] for k in golden_curve["eval"]], list(golden_curve["eval"].values()), rtol=2e-4)
 
 
 def test_expert_phases_keep_the_timestep_marginal():
