@@ -10,7 +10,6 @@ uses JAX's default single-process backend and never changes JAX's configuration.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from bridge import dlpack
 from bridge.runtime import Runtime, read_launch_env
+from tests.ports import free_port_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "bridge_worker.py"
@@ -377,23 +377,6 @@ def test_cuda_requested_without_cuda_is_a_clear_error(clean_launch_env):
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port_pair() -> int:
-    """A port P with P and P+1 free (torch's store and JAX's coordinator)."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("found no two consecutive free ports")
-
-
 def _run_torchrun(device: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "XLA_FLAGS"):
@@ -407,7 +390,7 @@ def _run_torchrun(device: str, nproc: int = 2) -> subprocess.CompletedProcess:
         f"--nproc_per_node={nproc}",
         "--nnodes=1",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port_pair()}",
+        f"--master_port={free_port_pair()}",
         str(WORKER),
         device,
     ]

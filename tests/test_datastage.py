@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,22 +19,17 @@ import pytest
 import torch
 
 from distill.datastage import ShardedDataset, ShardStore, wait_until
+from tests.ports import free_port_pair
 from tests.tiny_random_release import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = ["--stage", "data", "--data.shard_size", "13"]  # 64 train samples -> 5 shards (the last has 12)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_py(*args, nproc: int = 1, cache: Path, workdir: Path, background: bool = False):
     cmd = [str(REPO / "train.py"), "--workdir", str(workdir), "--data.cache_dir", str(cache), *tiny_flags(cache), *args]
     if nproc > 1:
-        cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", *cmd]
+        cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port_pair()}", *cmd]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if background:
         return subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import chex
 import pytest
 import torch
 
+from tests.ports import free_port_pair
 from tests import golden
 from wan.checkpoint import CheckpointError, fill_module, open_diffusers_weights
 from wan.modules.model import WanModel
@@ -24,17 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(case: str, folder: Path, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port_pair()}",
          str(WORKER), case, str(folder), str(out)],
         capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
     )

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 
 from distill.distiller import SigtermWatchdog
 from distill.metrics import read_metrics
+from tests.ports import free_port_pair
 from tests.tiny_random_release import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,12 +97,6 @@ def test_sigterm_watchdog_stands_down_when_the_run_ends_in_time(tmp_path):
 # ---------------------------------------------------------------- a rank dies under torchrun
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _workers(parent: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (its children, read from /proc)."""
     out = {}
@@ -146,7 +140,7 @@ def test_rank_death_under_torchrun(tmp_path, cache_dir, victim):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log_path = tmp_path / "killed.log"
     with log_path.open("w") as log:
-        run = subprocess.Popen(cmd(_free_port()), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        run = subprocess.Popen(cmd(free_port_pair()), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 400
@@ -179,7 +173,7 @@ def test_rank_death_under_torchrun(tmp_path, cache_dir, victim):
     resume = max(_committed(workdir), default=0)
     before = {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
-    restart = subprocess.run(cmd(_free_port()), cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    restart = subprocess.run(cmd(free_port_pair()), cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert resume == 0 or f"resumed from {workdir / 'checkpoints'} at step {resume}" in restart.stderr
     summary = json.loads((workdir / "summary.json").read_text())

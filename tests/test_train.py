@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from distill.data import DataError
 from distill.loop import TrainingError, train
 from distill.metrics import read_metrics
 from distill.teacher import Teacher
+from tests.ports import free_port_pair
 from tests.tiny_random_release import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,12 +260,6 @@ def test_empty_prompt_file(tmp_path, cache_dir):
 # ---------------------------------------------------------------- 2 processes on CPU (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TORCHRUN_FLAGS = ["--train.steps", "6", "--train.batch_size", "4", "--train.log_every", "1",
                   "--train.eval_every", "6", "--train.sample_every", "6", "--ckpt.no_async_save"]
 
@@ -285,7 +279,7 @@ def single_process_curve(tmp_path_factory, cache_dir):
 ])
 def test_torchrun_two_processes_matches_single(tmp_path, cache_dir, single_process_curve, layout):
     """2 CPU processes (gloo) give the single-process loss curve: dp = 2, or FSDP + sequence parallel sp = 2."""
-    port = _free_port()
+    port = free_port_pair()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     double = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
