@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(known.workdir) / "config.json"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found: --workdir must be a run directory made by train.py")
-    cfg = config_lib.from_dict(json.loads(path.read_text()), overrides=rest)
+    # the run as saved, in the folder given: a run directory moved since it was trained evaluates where it is
+    cfg = config_lib.from_dict(json.loads(path.read_text()), overrides=["--workdir", known.workdir, *rest])
     rt = runtime(cfg)
     _setup_logging(rt.is_main)
     try:

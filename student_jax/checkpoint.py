@@ -85,7 +85,10 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front: a fresh process (a resumed run) can then read the items' metadata
+        # before any save or restore, which `_check_layout` needs (without them it reads None).
+        handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state: Any, config: dict, force: bool = False) -> bool:
         """Save `state` (any pytree of arrays, normally a TrainState) and `config` (JSON-serialisable

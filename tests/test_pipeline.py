@@ -1,6 +1,7 @@
 """WanT2V: the two-expert CFG sampling loop and full `generate` against upstream's golden outputs."""
 
 import shutil
+import warnings
 
 import chex
 import pytest
@@ -145,12 +146,19 @@ def test_release_generate_end_to_end(release, run):
 
 
 def test_release_generate_batched_prompts(release):
-    """Several prompts in one call: the first reproduces the single-prompt call with the same seed."""
+    """Several prompts in one call: the first reproduces the single-prompt call with the same seed.
+
+    With ATen's own gemm: oneDNN's AMX bf16 kernels (Sapphire Rapids and later) round the bf16 umT5's
+    rows differently for another batch shape, which this comparison is not about."""
     _, pipe, _, meta = release
     args = _run_args(meta, "unipc")
     args.update(sampling_steps=3)
-    single = pipe.generate(meta["pipeline"]["prompt"], progress=False, return_latents=True, **args)
-    both = pipe.generate([meta["pipeline"]["prompt"], "a red car"], progress=False, return_latents=True, **args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            single = pipe.generate(meta["pipeline"]["prompt"], progress=False, return_latents=True, **args)
+            both = pipe.generate([meta["pipeline"]["prompt"], "a red car"], progress=False, return_latents=True,
+                                 **args)
     chex.assert_shape(both, [(16, 1, 8, 8)] * 2)
     golden.assert_close(both[0], single, 1e-5, 1e-5, "release/batched", "first_prompt")
     assert (both[0] - both[1]).abs().max() > 1e-2

@@ -189,7 +189,11 @@ def test_sampler_draws_the_ema_student_from_seeded_noise(trained, monkeypatch):
     contexts = sampler.encode([cached, cached])
     assert sampler.encoder_loads == 0  # every training caption is in the run's cache
     fresh = sampler._load_text_encoder()([cached], torch.device("cpu"))[0]
-    assert torch.equal(fresh, contexts[0])  # built as the pipeline builds it: the same embeddings
+    # built as the pipeline builds it: the same dtype and shape, and the same numbers up to bf16 rounding
+    # (bitwise only for the same batch-mates: the data stage encodes 8 prompts at a time, and on some
+    # CPUs oneDNN's bf16 kernels round differently for another batch shape)
+    assert fresh.dtype == contexts[0].dtype and fresh.shape == contexts[0].shape
+    torch.testing.assert_close(fresh.float(), contexts[0].float(), rtol=2e-2, atol=2e-2)
     contexts = sampler.encode([cached, NEW_PROMPT])
     assert sampler.encoder_loads == 2 and contexts[1].shape[-1] == 4096
 

@@ -234,10 +234,14 @@ def test_encoder_model_bf16_matches_upstream(release, bf16_encoder):
 
 
 def test_encoder_model_single_string_equals_batched(release, bf16_encoder):
+    """A prompt's embedding does not depend on its batch-mates (padding and masks are per prompt), to
+    the bit with ATen's bf16 gemm; oneDNN's AMX kernels (Sapphire Rapids and later) round a row
+    differently for another batch shape, so the comparison runs on the former."""
     _, meta, _ = release
     prompts = _t5_prompts(meta)
-    batched = bf16_encoder(prompts)
-    single = bf16_encoder(prompts[1])
+    with _native_gemm():
+        batched = bf16_encoder(prompts)
+        single = bf16_encoder(prompts[1])
     assert isinstance(single, list) and len(single) == 1
     chex.assert_shape(single[0], tuple(batched[1].shape))
     assert torch.equal(single[0], batched[1])

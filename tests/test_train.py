@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,10 +66,15 @@ def test_tiny_default_learns(tmp_path, cache_dir):
         assert {f"quality/student_{k}step/{n}" for n in ("diversity", "saturation", "r2_to_teacher")} <= set(quality[-1])
     assert (run / "quality.png").is_file() and (run / "summary.json").is_file()
 
-    # the standalone evaluation of the trained run: the same figures from its checkpoint
+    # the standalone evaluation of the trained run: the same figures from its checkpoint, with the run
+    # moved elsewhere first (evaluation reads the --workdir it is given, not the path in config.json)
     from distill import evaluate
 
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    run = moved
     assert evaluate.main(["--workdir", str(run), "--eval.student_steps", "1", "2"]) == 0
+    assert not (tmp_path / "run").exists()
     result = json.loads((run / "evaluation.json").read_text())
     assert result["step"] == 60
     assert result["eval/rel_velocity_error_ema"] == pytest.approx(summary["last_eval"]["eval/rel_velocity_error_ema"],
