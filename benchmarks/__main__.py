@@ -15,6 +15,11 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
 - teacher_sol: the speed of light of that forward: one block's matmuls and attention alone (bf16,
   no norms, modulation or rotary), times the layer count: ms, TFLOP/s, and each measured
   teacher_forward over it (the same sizes, measured in the same run).
+- teacher_fp8: the expert with its blocks' linear layers in FP8 (`--teacher.fp8`, `wan.fp8`) against
+  the same random weights in bf16 (both compiled on GPU unless --compile off; float32 and eager on
+  CPU, where FP8 is emulated), per size and batch: ms (FP8), base_ms and their ratio; for batch 2 (one latent,
+  a cond / uncond context pair) the deviation of the CFG target uncond + 3 (cond - uncond) from the base one (relative L2 norm, and the
+  largest element error over the target's largest magnitude).
 - sdpa: the self-attention kernel at the teacher's shapes through each SDPA backend torch offers
   here (flash, cuDNN, memory-efficient; math on CPU): ms and TFLOP/s.
 - t5_encode: the umT5 encoder on a batch of --text-len token ids: ms per prompt.
@@ -44,8 +49,9 @@ import sys
 import time
 from contextlib import nullcontext
 
-FIGURES = ("teacher_forward", "teacher_sol", "sdpa", "t5_encode", "vae_decode", "student_step", "bridge",
-           "distill_step")
+FIGURES = ("teacher_forward", "teacher_sol", "teacher_fp8", "sdpa", "t5_encode", "vae_decode", "student_step",
+           "bridge", "distill_step")
+CFG_SCALE = 3.0  # the A14B's low-noise guide scale: the CFG target of the teacher_fp8 figure
 A14B_LAYERS = 40
 
 
@@ -183,6 +189,50 @@ class Bench:
                 emit("teacher_forward", size=size, batch=batch, tokens=tokens, layers=dit.num_layers, dim=dit.dim,
                      device=str(self.device), compiled=compiled, first_call_s=first_s, ms=ms, tflops=tflops, **extra)
         del model
+
+    def teacher_fp8(self):
+        import torch
+
+        from wan.compile import compile_dit
+        from wan.fp8 import quantize_dit
+
+        dit, _, _ = self.configs()
+        compiled = self.cuda and self.args.compile != "off"
+        runs = {}
+        for fp8 in (False, True):
+            model = self._random(dit.build)  # the same seeded weights both times
+            if self.cuda:
+                model = model.to(torch.bfloat16)
+            if fp8:
+                quantize_dit(model)
+            if compiled:
+                compile_dit(model)
+            torch.manual_seed(0)
+            for size, batch, tokens, x, ctx, t in self._teacher_cases(dit):
+                x = x[:1] * batch  # a CFG pair: one latent, two contexts (cond, uncond)
+
+                def run():
+                    with torch.no_grad(), self.autocast():
+                        return model(x, t=t, context=ctx, seq_len=tokens)
+
+                out = [o.float() for o in run()]  # (compiles when compiled)
+                runs[(fp8, size, batch)] = (self.time(run), out)
+            del model
+        for (fp8, size, batch), (ms, out) in runs.items():
+            if not fp8:
+                continue
+            base_ms, base = runs[(False, size, batch)]
+            line = dict(size=size, batch=batch, layers=dit.num_layers, dim=dit.dim, device=str(self.device),
+                        compiled=compiled, base_dtype=str(self.dtype).replace("torch.", ""), base_ms=base_ms,
+                        ms=ms, fp8_over_base=ms / base_ms)
+            if batch == 2:
+                def target(o):
+                    return o[1] + CFG_SCALE * (o[0] - o[1])  # [16, 1, h, w]
+
+                err = target(out) - target(base)
+                line.update(cfg_target_rel_l2=float(err.norm() / target(base).norm()),
+                            cfg_target_max_err_over_max=float(err.abs().max() / target(base).abs().max()))
+            emit("teacher_fp8", **line)
 
     def teacher_sol(self):
         """One block's matmuls + attention in plain bf16 (fp32 on CPU), x layers: what the forward could be."""
@@ -329,40 +379,48 @@ class Bench:
         import jax
 
         from distill.memory import compiled_bytes
+        from student_jax.config import student_preset
+        from student_jax.model import resolve_attention
 
         results = {}
         choices = {"on": [True], "off": [False], "both": [True, False]}
         for preset in self.args.presets:
             for size in self.args.student_sizes:
-                for scan in choices[self.args.scan]:
-                    for remat in choices[self.args.remat]:
-                        cfg, compiled, state, inputs, compile_s = self._student(preset, size, scan_blocks=scan,
-                                                                                remat=remat)
-                        holder = [state]
+                variants = [(scan, remat, policy, text) for scan in choices[self.args.scan]
+                            for remat in choices[self.args.remat]
+                            for policy in (self.args.remat_policy if remat else ["full"])
+                            for text in self.args.text_attention]
+                for scan, remat, policy, text in variants:
+                    if text == "cudnn" and not (self.cuda and student_preset(preset).dtype == "bfloat16"):
+                        continue  # cuDNN attention: bf16 on a GPU only
+                    cfg, compiled, state, inputs, compile_s = self._student(
+                        preset, size, scan_blocks=scan, remat=remat, remat_policy=policy,
+                        cudnn_text_attention=text == "cudnn")
+                    holder = [state]
 
-                        def run():
-                            holder[0], metrics = compiled(holder[0], inputs)
-                            jax.block_until_ready(metrics["loss"])
+                    def run():
+                        holder[0], metrics = compiled(holder[0], inputs)
+                        jax.block_until_ready(metrics["loss"])
 
-                        attention = cfg.attention_impl
-                        if attention == "auto":  # as student_jax.model resolves it (cross-attention is masked XLA)
-                            attention = "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
-                        need = compiled_bytes(compiled)
-                        line = dict(preset=preset, size=size, batch=self.args.batch, text_len=self.args.text_len,
-                                    dtype=cfg.dtype, self_attention=attention, scan_blocks=scan, remat=remat,
-                                    compile_s=compile_s, xla_gb=None if need is None else need / 1e9)
-                        try:
-                            ms = self.time(run)
-                        except jax.errors.JaxRuntimeError as error:  # e.g. out of memory: say so, go on
-                            emit("student_step", **line, ms=None, error=str(error).splitlines()[0][:200])
-                            del holder, state, compiled
-                            continue
-                        stats = jax.devices()[0].memory_stats() or {}
-                        peak = stats.get("peak_bytes_in_use")
-                        results.setdefault((preset, size), ms)
-                        emit("student_step", **line, ms=ms, samples_per_s=self.args.batch / (ms * 1e-3),
-                             peak_gb=None if peak is None else peak / 1e9)
+                    need = compiled_bytes(compiled)
+                    line = dict(preset=preset, size=size, batch=self.args.batch, text_len=self.args.text_len,
+                                dtype=cfg.dtype, attention=resolve_attention(cfg),
+                                text_attention="cudnn" if cfg.cudnn_text_attention else "xla",
+                                scan_blocks=scan, remat=remat,
+                                remat_policy=policy if remat else None,
+                                compile_s=compile_s, xla_gb=None if need is None else need / 1e9)
+                    try:
+                        ms = self.time(run)
+                    except jax.errors.JaxRuntimeError as error:  # e.g. out of memory: say so, go on
+                        emit("student_step", **line, ms=None, error=str(error).splitlines()[0][:200])
                         del holder, state, compiled
+                        continue
+                    stats = jax.devices()[0].memory_stats() or {}
+                    peak = stats.get("peak_bytes_in_use")
+                    results.setdefault((preset, size), ms)
+                    emit("student_step", **line, ms=ms, samples_per_s=self.args.batch / (ms * 1e-3),
+                         peak_gb=None if peak is None else peak / 1e9)
+                    del holder, state, compiled
         return results
 
     def bridge(self, step_ms: dict | None = None):
@@ -531,6 +589,11 @@ def parse_args(argv):
                    help="student_step with the blocks under nn.scan (the default layout), unrolled, or both")
     p.add_argument("--remat", choices=("on", "off", "both"), default="off",
                    help="student_step with remat (the a14b preset's setting), without, or both")
+    p.add_argument("--remat-policy", nargs="+", choices=("full", "dots"), default=["full"],
+                   help="student_step with remat: what each block keeps (StudentConfig.remat_policy); several to compare")
+    p.add_argument("--text-attention", nargs="+", choices=("xla", "cudnn"), default=["xla"],
+                   help="student_step's cross-attention to the text: masked XLA (the default) or cuDNN "
+                        "(StudentConfig.cudnn_text_attention; bf16 GPU presets only); several to compare")
     p.add_argument("--compile", choices=("auto", "off", "on", "both"), default="auto",
                    help="teacher_forward eager, compiled (wan.compile), or both; auto: both on cuda, off on cpu")
     args = p.parse_args(argv)

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One H200: the speed figures of the teacher (issue 9), each part into its own file under $OUT.
+# One H200: the speed figures of issue 9, each part into its own file under $OUT.
 #
 #   OUT=/tmp/out BASE=.bench_base PART=teacher bash benchmarks/gpu_speed.sh
+#   OUT=/tmp/out BASE=.bench_base PART=student bash benchmarks/gpu_speed.sh
 #   OUT=/tmp/out LAYERS=4 PART=loop bash benchmarks/gpu_speed.sh
 #
 # PART=teacher: `python -m benchmarks --full` teacher_forward (eager and compiled side by side),
-#   teacher_sol and sdpa; with BASE (a checkout of an earlier commit) the same forward of that code
-#   first, for a before/after in the same session; then the GPU tests of the DiT and the data path.
-# PART=loop: student_step for every preset (small: scanned and unrolled, each with and without remat;
-#   base: scanned, with and without remat) and the bridge at 1024x1024, then a full-width synthetic
-#   release (`python -m wan.synthetic`, LAYERS blocks per expert) and the real loop's distill_step on
-#   it (small student, batch 8, 1024x1024), compiled teacher.
+#   teacher_sol, teacher_fp8 and sdpa; with BASE (a checkout of an earlier commit) the same forward of
+#   that code first, for a before/after in the same session; then the GPU tests of the DiT, FP8, the
+#   student's cuDNN attention and the data path.
+# PART=student: student_step for every preset (small: scanned and unrolled, with and without remat,
+#   remat keeping nothing or the dense layers' outputs, text attention in XLA or cuDNN; base: scanned, remat both ways) and the bridge
+#   at 1024x1024; with BASE, the small preset of that code first.
+# PART=loop: a full-width synthetic release (`python -m wan.synthetic`, LAYERS blocks per expert) and
+#   the real loop's distill_step on it (a14b preset: small student with remat, batch 8, 1024x1024,
+#   compiled teacher), once per remat policy in POLICIES (default "full dots").
 set -uo pipefail
 OUT=${OUT:-/tmp/speed_out}
 WORK=${WORK:-/tmp/speed}
@@ -28,26 +32,36 @@ if [ "$PART" = teacher ]; then
   fi
   python -m benchmarks --full --device cuda --peak-tflops 790 --figures teacher_forward teacher_sol sdpa \
     > "$OUT/teacher.jsonl" 2> "$OUT/teacher.err"
-  python -m pytest -q -m gpu -p no:cacheprovider tests/test_dit.py tests/test_data_path.py \
-    > "$OUT/gpu_tests.log" 2>&1
+  python -m benchmarks --full --device cuda --compile on --figures teacher_fp8 > "$OUT/fp8.jsonl" 2> "$OUT/fp8.err"
+  python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_dit.py tests/test_fp8.py tests/test_student.py \
+    tests/test_data_path.py > "$OUT/gpu_tests.log" 2>&1
 fi
 
-if [ "$PART" = loop ]; then
+if [ "$PART" = student ]; then
+  if [ -n "${BASE:-}" ]; then
+    (cd "$BASE" && python -m benchmarks --full --device cuda --figures student_step --presets small --remat both) \
+      > "$OUT/student_base.jsonl" 2> "$OUT/student_base.err"
+  fi
   python -m benchmarks --full --device cuda --figures student_step bridge --presets tiny \
     > "$OUT/student.jsonl" 2> "$OUT/student.err"
   python -m benchmarks --full --device cuda --figures student_step --presets small --scan both --remat both \
+    --remat-policy full dots --text-attention xla cudnn >> "$OUT/student.jsonl" 2>> "$OUT/student.err"
+  python -m benchmarks --full --device cuda --figures student_step --presets base --remat on --remat-policy full dots \
     >> "$OUT/student.jsonl" 2>> "$OUT/student.err"
-  python -m benchmarks --full --device cuda --figures student_step --presets base --remat both \
-    >> "$OUT/student.jsonl" 2>> "$OUT/student.err"
+fi
+
+if [ "$PART" = loop ]; then
   python -m wan.synthetic "$WORK/release" --layers "$LAYERS" --t5-layers 2 > "$OUT/synthetic.json" 2> "$OUT/synthetic.err"
   printf '%s\n' "a red circle on a blue background" "two green squares on white" "a yellow triangle above a grey line" \
     "a cat walks on the grass" "a small white star in the corner" "three purple dots in a row" \
     "an orange square under a black circle" "a blue line across a red field" > "$WORK/prompts.txt"
   printf '%s\n' "a green circle on a yellow background" "two red triangles" > "$WORK/eval_prompts.txt"
-  python -m benchmarks --device cuda --full --figures bridge distill_step --iters 6 --warmup 2 -- \
-    --preset a14b --teacher_path "$WORK/release" --teacher_on_cpu --data.prompts "$WORK/prompts.txt" \
-    --data.eval_prompts "$WORK/eval_prompts.txt" --data.gen_steps 2 --data.samples_per_prompt 1 \
-    --train.sample_every 0 --train.steps 100 --data.cache_dir "$WORK/cache" \
-    > "$OUT/distill_step.jsonl" 2> "$OUT/distill_step.err"
+  for policy in ${POLICIES:-full dots}; do
+    python -m benchmarks --device cuda --full --figures bridge distill_step --iters 6 --warmup 2 -- \
+      --preset a14b --teacher_path "$WORK/release" --teacher_on_cpu --data.prompts "$WORK/prompts.txt" \
+      --data.eval_prompts "$WORK/eval_prompts.txt" --data.gen_steps 2 --data.samples_per_prompt 1 \
+      --train.sample_every 0 --train.steps 100 --data.cache_dir "$WORK/cache" --student.remat_policy "$policy" \
+      > "$OUT/distill_step_$policy.jsonl" 2> "$OUT/distill_step_$policy.err"
+  done
 fi
 exit 0

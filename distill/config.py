@@ -55,6 +55,10 @@ class TeacherConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each DiT block (fuses the norm / modulation / rotary / residual math around the matmuls:
     1.4x faster on an H200; each new shape compiles for about 10 s): auto = on for a GPU teacher, off on the CPU."""
+    fp8: bool = False
+    """FP8 (e4m3, row-wise scaled) matmuls for the DiT blocks' linear layers (`wan.fp8`): weights stored in
+    float8 (half the memory), activations scaled per token; needs an FP8 GPU (Hopper, Ada), elsewhere it is
+    emulated (slow). Not with --teacher_device_strategy balanced. Changes the targets: README "Speed"."""
     on_cpu: Annotated[bool, _alias("--teacher_on_cpu")] = False
     """Keep the umT5 encoder on the CPU (upstream t5_cpu)."""
     guide_scale: tuple[float, float] | None = None
@@ -300,6 +304,9 @@ def validate(cfg: Config) -> None:
             f"--teacher.offload swaps experts between host and GPU for a whole teacher per GPU; with "
             f"--teacher_device_strategy {cfg.teacher.device_strategy} drop --teacher.offload"
         )
+    if cfg.teacher.fp8 and cfg.teacher.device_strategy == "balanced":
+        problems.append("--teacher.fp8 quantises whole weight matrices and --teacher_device_strategy balanced shards "
+                        "them with FSDP: drop --teacher.fp8, or keep a whole teacher per GPU (gpu, with --teacher.offload)")
     if cfg.teacher.sp < 1:
         problems.append(f"--teacher.sp must be >= 1, got {cfg.teacher.sp}")
     if cfg.train.expert_phase_steps < -1:

@@ -337,7 +337,8 @@ class Distiller:
         self.eval_contexts = embeddings.get(self.eval_prompts)
         self.context_null = embeddings.get([self.n_prompt])[0]
         size = (cfg.data.width, cfg.data.height)
-        gen_args = dict(teacher_id=self.teacher_id, size=size, steps=cfg.data.gen_steps or self.wan_config.sample_steps,
+        sampler_id = self.teacher_id + ("-fp8" if cfg.teacher.fp8 else "")  # the DiT's numerics key its samples
+        gen_args = dict(teacher_id=sampler_id, size=size, steps=cfg.data.gen_steps or self.wan_config.sample_steps,
                         shift=self.wan_config.sample_shift, guide_scale=self.guide, solver="unipc",
                         samples_per_prompt=cfg.data.samples_per_prompt, n_prompt=self.n_prompt,
                         trajectory_steps=cfg.data.trajectory_steps, shard_size=cfg.data.shard_size, run=run)

@@ -105,7 +105,7 @@ def release_info(cfg: config_lib.Config, folder: Path) -> tuple[Any, dict]:
     wan_config = release_config(folder, cfg.teacher.config)
     teacher = {"path": str(folder.resolve()), "config": cfg.teacher.config, "name": wan_config.get("__name__", ""),
                "id": teacher_id(folder, wan_config, cfg.teacher.dtype), "dtype": cfg.teacher.dtype,
-               "objective": cfg.train.loss,
+               "fp8": cfg.teacher.fp8, "objective": cfg.train.loss,
                "guide_scale": list(cfg.teacher.guide_scale or wan_config.sample_guide_scale),
                "t5_checkpoint": wan_config.t5_checkpoint, "t5_tokenizer": wan_config.t5_tokenizer,
                "vae_checkpoint": wan_config.vae_checkpoint}

@@ -82,14 +82,18 @@ def student_estimate(student_cfg, batch: int, latent_hw: tuple[int, int], text_l
     act_bytes = 2 if student_cfg.dtype == "bfloat16" else 4
     hidden = student_cfg.hidden_size
     per_block = batch * tokens * hidden * act_bytes * 20  # saved activations of attention + MLP
-    per_block += batch * student_cfg.num_heads * tokens * text_len * 4 * 2  # masked cross-attention scores
     impl = student_cfg.attention_impl
     if impl == "auto":  # the plan is made for a GPU: auto means cuDNN there in bf16
         impl = "cudnn" if student_cfg.dtype == "bfloat16" else "xla"
+    if impl != "cudnn" or not student_cfg.cudnn_text_attention:
+        per_block += batch * student_cfg.num_heads * tokens * text_len * 4 * 2  # masked cross-attention scores
     if impl != "cudnn":
         per_block += batch * student_cfg.num_heads * tokens * tokens * 4 * 2  # self-attention scores
     if student_cfg.remat:
-        activations = student_cfg.depth * batch * tokens * hidden * 4 + per_block
+        kept = 4  # the block's float32 input
+        if student_cfg.remat_policy == "dots":  # + the dense layers' outputs: q k v out, cross q out, fc1 (4D), fc2
+            kept += act_bytes * (7 + student_cfg.mlp_ratio)
+        activations = student_cfg.depth * batch * tokens * hidden * kept + per_block
     else:
         activations = student_cfg.depth * per_block
     text = batch * text_len * student_cfg.text_dim * 4 * 2  # padded text input + its projection
@@ -109,6 +113,13 @@ def plan_memory(cfg, wan_config, world: int, usable_bytes: float, is_main: bool 
     dit = dit_config(wan_config)
     expert_params = dit.param_count()
     wbytes = _dtype_bytes(teacher.dtype)
+    expert_bytes = expert_params * wbytes
+    fp8 = ""
+    if teacher.fp8:  # the blocks' linear weights in 1 byte (+ a float32 scale per row), the rest as before
+        linear = dit.num_layers * (8 * dit.dim * dit.dim + 2 * dit.dim * dit.ffn_dim)
+        rows = dit.num_layers * (8 * dit.dim + dit.ffn_dim + dit.dim)
+        expert_bytes = linear + 4 * rows + (expert_params - linear) * wbytes
+        fp8 = ", FP8 linears"
     lines: list[tuple[str, float]] = []
     if teacher.device_strategy == "cpu":
         resident = 0.0
@@ -120,11 +131,11 @@ def plan_memory(cfg, wan_config, world: int, usable_bytes: float, is_main: bool 
         lines.append(("FSDP: 2 gathered blocks in flight", 2 * per_block))
         resident += 2 * per_block
     elif teacher.offload:
-        resident = expert_params * wbytes
-        lines.append((f"1 expert resident ({expert_params / 1e9:.1f}B params, offload)", resident))
+        resident = expert_bytes
+        lines.append((f"1 expert resident ({expert_params / 1e9:.1f}B params, offload{fp8})", resident))
     else:
-        resident = 2 * expert_params * wbytes
-        lines.append((f"2 experts resident ({expert_params / 1e9:.1f}B params each)", resident))
+        resident = 2 * expert_bytes
+        lines.append((f"2 experts resident ({expert_params / 1e9:.1f}B params each{fp8})", resident))
 
     t5 = t5_config(wan_config)
     t5_bytes = 0.0

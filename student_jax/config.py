@@ -23,6 +23,7 @@ __all__ = ["PRESETS", "OptimConfig", "StudentConfig", "saved_student_fields", "s
 
 _DTYPES = ("float32", "bfloat16")
 _ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+_REMAT_POLICIES = ("full", "dots")
 
 
 def _require(condition: bool, message: str):
@@ -50,7 +51,11 @@ class StudentConfig:
         MLP width multiplier.
     text_dim: width of the umT5 text embeddings (4096); max_text_len: longest accepted text.
     dtype: "float32", or "bfloat16" for bf16 compute with float32 parameters.
-    remat: rematerialise each block in the backward pass (less activation memory, ~30% more compute).
+    remat: rematerialise each block in the backward pass (less activation memory, more compute).
+    remat_policy: what a rematerialised block keeps from its forward pass: "full" keeps only its input
+        (the least memory; the backward pass reruns the whole block), "dots" also keeps the outputs of
+        its dense layers (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`), so the backward
+        pass reruns only attention and the elementwise work. Ignored without `remat`.
     scan_blocks: run the `depth` blocks as one `flax.linen.scan` over parameters stacked on a leading
         layer axis (`blocks/...` [depth, ...]), so compile time does not grow with depth; False keeps
         the unrolled layout (`blocks_0/...`, `blocks_1/...`). Both compute the same function; exports
@@ -58,7 +63,12 @@ class StudentConfig:
     attention_impl: "auto" (the default: "cudnn" on a GPU with dtype="bfloat16", else "xla"), "xla"
         (any backend) or "cudnn" (GPU flash attention for the unmasked self-attention; needs
         dtype="bfloat16"; measured on an H200 for `small`, batch 8, 1024^2: 142 ms and 38.7 GB against
-        340 ms and 126 GB with "xla"). Cross-attention to the masked text always uses "xla".
+        340 ms and 126 GB with "xla"). The cross-attention to the masked text uses "xla" unless
+        `cudnn_text_attention`.
+    cudnn_text_attention: where the self-attention runs on cuDNN, run the cross-attention there too,
+        the text mask read as a prefix (the first `sum(mask)` tokens real, as every caller pads the
+        text) instead of a materialised [B, heads, N, L] score matrix. Off by default: its GPU speed
+        has not been measured yet (`python -m benchmarks --figures student_step --text-attention ...`).
     """
 
     latent_channels: int = 16
@@ -73,7 +83,9 @@ class StudentConfig:
     dtype: str = "float32"
     projection_seed: int = 0
     remat: bool = False
+    remat_policy: str = "full"
     attention_impl: str = "auto"
+    cudnn_text_attention: bool = False
     scan_blocks: bool = True
 
     def __post_init__(self):
@@ -99,8 +111,16 @@ class StudentConfig:
             f"{where}: attention_impl must be one of {list(_ATTENTION_IMPLS)}, got {self.attention_impl!r}",
         )
         _require(
+            self.remat_policy in _REMAT_POLICIES,
+            f"{where}: remat_policy must be one of {list(_REMAT_POLICIES)}, got {self.remat_policy!r}",
+        )
+        _require(
             self.attention_impl != "cudnn" or self.dtype == "bfloat16",
             f"{where}: attention_impl='cudnn' needs dtype='bfloat16' (cuDNN flash attention has no float32 kernel)",
+        )
+        _require(
+            not self.cudnn_text_attention or (self.dtype == "bfloat16" and self.attention_impl != "xla"),
+            f"{where}: cudnn_text_attention needs dtype='bfloat16' and attention_impl 'auto' or 'cudnn'",
         )
         _require(
             isinstance(self.projection_seed, int) and not isinstance(self.projection_seed, bool)
@@ -201,7 +221,7 @@ def student_preset(name: str, **overrides) -> StudentConfig:
 
 # StudentConfig fields added since runs were first saved, with the value that reproduces such a run:
 # a checkpoint written before `scan_blocks` existed holds the unrolled per-block parameter layout.
-_FIELDS_OF_OLDER_RUNS = {"scan_blocks": False}
+_FIELDS_OF_OLDER_RUNS = {"scan_blocks": False, "remat_policy": "full", "cudnn_text_attention": False}
 
 
 def saved_student_fields(fields: dict) -> dict:

@@ -107,6 +107,13 @@ def unpatchify(tokens: jax.Array, patch: int, channels: int, height: int, width:
     return x.reshape(batch, channels, height, width)  # [B, C, H, W]
 
 
+def resolve_attention(cfg: StudentConfig) -> str:
+    """cfg.attention_impl with "auto" resolved: "cudnn" on a GPU with bf16 compute, else "xla"."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    return "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
+
+
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]  # [B, N, D]
 
@@ -136,14 +143,18 @@ class Attention(nn.Module):
         k = nn.RMSNorm(epsilon=1e-6, dtype=dtype, name="norm_k")(project("k", source))  # [B, S, heads, hd]
         v = project("v", source)  # [B, S, heads, hd]
 
+        implementation = resolve_attention(cfg)
         if context_mask is None:
-            implementation = cfg.attention_impl
-            if implementation == "auto":
-                implementation = "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
             out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)  # [B, N, heads, hd]
         else:
-            mask = context_mask[:, None, None, :]  # [B, 1, 1, S] broadcast over heads and queries
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, N, heads, hd]
+            if implementation == "cudnn" and cfg.cudnn_text_attention:
+                # cuDNN takes the mask as a key count per sample: the text is a prefix mask (valid tokens
+                # first, as every caller pads it). A count of 0 would leave cuDNN a row with no key.
+                lengths = jnp.maximum(jnp.sum(context_mask, axis=-1, dtype=jnp.int32), 1)  # [B]
+                out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+            else:
+                mask = context_mask[:, None, None, :]  # [B, 1, 1, S] broadcast over heads and queries
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # [B, N, heads, hd]
             # A fully masked row would otherwise average the padding values.
             has_keys = jnp.any(context_mask, axis=-1)[:, None, None, None]  # [B, 1, 1, 1]
             out = jnp.where(has_keys, out, jnp.zeros_like(out))
@@ -194,6 +205,14 @@ class Block(nn.Module):
         return x + gate_mlp[:, None, :] * Mlp(cfg, name="mlp")(h)  # [B, N, D]
 
 
+def _remat(cfg: StudentConfig, block_cls, **kwargs):
+    """block_cls under nn.remat as cfg.remat and cfg.remat_policy ask (StudentConfig says what each keeps)."""
+    if not cfg.remat:
+        return block_cls
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat_policy == "dots" else None
+    return nn.remat(block_cls, policy=policy, **kwargs)
+
+
 def _block_step(block: Block, x: jax.Array, cond: jax.Array, text: jax.Array, text_mask: jax.Array):
     return block(x, cond, text, text_mask), None  # (carry [B, N, D], no per-layer output)
 
@@ -207,7 +226,7 @@ def _scanned_blocks(cfg: StudentConfig, tokens, cond, text, text_mask, name: str
     keeps one carry per layer and recomputes the rest; the scan already stops XLA from merging the
     recomputation with the forward pass, hence prevent_cse=False (flax's advice under scan).
     """
-    block_cls = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    block_cls = _remat(cfg, Block, prevent_cse=False)
     scan = nn.scan(
         _block_step,
         variable_axes={"params": 0},
@@ -326,7 +345,7 @@ class Student(nn.Module):
         if cfg.scan_blocks:
             tokens = _scanned_blocks(cfg, tokens, cond, text, text_mask, name=STACKED_BLOCKS)  # [B, N, D]
         else:
-            block_cls = nn.remat(Block) if cfg.remat else Block
+            block_cls = _remat(cfg, Block)
             for index in range(cfg.depth):
                 tokens = block_cls(cfg, name=f"blocks_{index}")(tokens, cond, text, text_mask)  # [B, N, D]
 

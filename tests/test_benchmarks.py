@@ -8,12 +8,13 @@ from benchmarks.__main__ import FIGURES, dit_flops, main
 
 FIELDS = {
     "teacher_forward": {"size", "batch", "tokens", "layers", "ms", "tflops", "compiled", "first_call_s"},
+    "teacher_fp8": {"size", "batch", "layers", "base_dtype", "base_ms", "ms", "fp8_over_base"},
     "teacher_sol": {"size", "batch", "tokens", "layers", "ms", "tflops", "teacher_eager_over_sol"},
     "sdpa": {"size", "batch", "tokens", "backend", "ms", "tflops"},
     "t5_encode": {"batch", "text_len", "ms", "ms_per_prompt"},
     "vae_decode": {"size", "ms"},
-    "student_step": {"preset", "size", "batch", "compile_s", "ms", "samples_per_s", "peak_gb", "self_attention",
-                     "scan_blocks", "remat", "xla_gb"},
+    "student_step": {"preset", "size", "batch", "compile_s", "ms", "samples_per_s", "peak_gb", "attention",
+                     "text_attention", "scan_blocks", "remat", "remat_policy", "xla_gb"},
     "bridge": {"size", "batch", "ms", "student_step_ms", "percent_of_student_step"},
     "distill_step": {"ms", "teacher_ms", "step_over_teacher", "samples_per_s_per_process", "processes",
                      "teacher_layers", "step_over_teacher_at_40_layers", "bridge_percent_of_step"},
@@ -36,6 +37,9 @@ def test_every_figure_prints_a_json_line(capsys, tmp_path):
     sol = by_figure["teacher_sol"][0]
     forward = by_figure["teacher_forward"][0]
     assert sol["teacher_eager_over_sol"] == pytest.approx(forward["ms"] / sol["ms"], rel=1e-3)
+    fp8 = {line["batch"]: line for line in by_figure["teacher_fp8"]}
+    assert fp8[2]["base_dtype"] == "float32"  # CPU: FP8 emulated against the float32 teacher
+    assert 0 < fp8[2]["cfg_target_rel_l2"] < 0.1, fp8[2]  # FP8 moves the target, by a few percent at most
     step = by_figure["distill_step"][0]
     assert step["ms"] > 0 and step["teacher_ms"] > 0 and step["teacher_layers"] == 2
     # the step's time outside the teacher is added unscaled to 20x the teacher time

@@ -21,6 +21,16 @@ def test_both_experts_on_an_80gb_card_is_refused_with_the_flag_to_use():
         check(plan, cfg, world=1)
 
 
+def test_fp8_experts_take_about_half_the_memory():
+    """--teacher.fp8: the blocks' linear weights (98% of an expert's parameters) in one byte each."""
+    cfg, plan = _plan("--teacher.fp8")
+    resident = dict(plan.torch_lines)["2 experts resident (14.3B params each, FP8 linears)"]
+    assert resident == pytest.approx(57.2e9 / 2, rel=0.03)
+    check(plan, cfg, world=1)  # both experts now fit an 80 GB card beside the student
+    _, offload = _plan("--teacher.fp8", "--teacher.offload")
+    assert dict(offload.torch_lines)["1 expert resident (14.3B params, offload, FP8 linears)"] == resident / 2
+
+
 def test_one_gpu_80gb_command_fits():
     """The README's 1-GPU command: one expert resident, umT5 on the CPU, remat, 40% for JAX."""
     cfg, plan = _plan("--teacher.offload", "--teacher_on_cpu")  # the a14b preset: remat, 40% for JAX

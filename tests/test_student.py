@@ -116,6 +116,10 @@ def test_preset_and_config_errors():
         StudentConfig(dtype="float16")
     with pytest.raises(ValueError, match="cudnn.*bfloat16"):
         StudentConfig(attention_impl="cudnn")
+    with pytest.raises(ValueError, match=r"remat_policy must be one of \['full', 'dots'\], got 'some'"):
+        StudentConfig(remat_policy="some")
+    with pytest.raises(ValueError, match="cudnn_text_attention needs dtype='bfloat16'"):
+        StudentConfig(cudnn_text_attention=True)
     with pytest.raises(ValueError, match="warmup_steps=200 exceeds total_steps=100"):
         OptimConfig(warmup_steps=200, total_steps=100)
     with pytest.raises(ValueError, match="grad_accum"):
@@ -201,6 +205,46 @@ def test_student_bf16_compute_matches_float32(state0):
     chex.assert_type(out16, jnp.float32)
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     assert 0 < rel < 0.05, rel
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_xla_with_text_masks():
+    """On a GPU (bf16) "auto" attention is cuDNN; with cudnn_text_attention the cross-attention takes the
+    text mask as key counts: output and gradients match the masked XLA path within bf16 rounding, for
+    32, 20, 1 and 0 (no text) real tokens, and the padded text tokens get no gradient."""
+    cfg = StudentConfig(hidden_size=128, depth=2, num_heads=2, dtype="bfloat16", scan_blocks=False,
+                        cudnn_text_attention=True)
+    assert jax.default_backend() == "gpu"
+    b = _batch(7)
+    mask = jnp.arange(TEXT_LEN)[None, :] < jnp.asarray([32, 20, 1, 0])[:, None]  # [B, L]
+    xla = Student(dataclasses.replace(cfg, attention_impl="xla", cudnn_text_attention=False))
+    cudnn = Student(cfg)  # auto -> cudnn on the GPU
+    params = xla.init(jax.random.key(0), b["x_t"], b["t"], b["text"], mask)["params"]
+    params = _perturbed(params, 8)  # the cross-attention output projection starts at zero
+
+    def loss(model, params, text):
+        out = model.apply({"params": params}, b["x_t"], b["t"], text, mask)
+        return jnp.mean(out.astype(jnp.float32) ** 2), out
+
+    results = {}
+    for name, model in (("xla", xla), ("cudnn", cudnn)):
+        grad = jax.jit(jax.grad(functools.partial(loss, model), argnums=(0, 1), has_aux=True))
+        results[name] = grad(params, b["text"])
+    (g_params_x, g_text_x), out_x = results["xla"]
+    (g_params_c, g_text_c), out_c = results["cudnn"]
+    chex.assert_shape(out_c, (BATCH, 16, 8, 8))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+
+    print(f"cudnn vs xla: output rel {rel(out_c, out_x):.2e}, text grad rel {rel(g_text_c, g_text_x):.2e}")
+    assert rel(out_c, out_x) < 2e-2
+    assert rel(g_text_c, g_text_x) < 5e-2
+    for (path, gc), gx in zip(jax.tree_util.tree_leaves_with_path(g_params_c), jax.tree.leaves(g_params_x)):
+        assert rel(gc, gx) < 5e-2, (jax.tree_util.keystr(path), rel(gc, gx))
+    padded = ~mask[..., None]  # [B, L, 1]
+    assert float(jnp.max(jnp.abs(jnp.where(padded, g_text_c, 0)))) == 0.0, "cuDNN attended to padded text"
+    assert float(jnp.max(jnp.abs(g_text_c[0]))) > 0
 
 
 # ----------------------------------------------------------------------------- projection

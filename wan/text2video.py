@@ -77,7 +77,7 @@ class WanT2V:
     (`wan.offload.ExpertResidency`); upstream's per-call `offload_model` still works as there.
     `compile_dit=True` compiles every DiT block with torch.compile (`wan.compile`, after FSDP and
     sequence parallelism are applied): about 1.4x faster on an H200, the same numbers within bf16
-    rounding.
+    rounding. `fp8_linears=True` runs the blocks' linear layers in FP8 (`wan.fp8`; not with dit_fsdp).
     """
 
     def __init__(
@@ -96,12 +96,15 @@ class WanT2V:
         parallel=None,
         expert_offload: bool = False,
         compile_dit: bool = False,
+        fp8_linears: bool = False,
     ):
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise CheckpointError(f"checkpoint_dir {checkpoint_dir} is not a folder (expected a Wan2.2 release folder)")
         if t5_fsdp and t5_cpu:
             raise ValueError("t5_fsdp shards umT5 over the GPUs and t5_cpu keeps it on the CPU: choose one")
+        if fp8_linears and dit_fsdp:
+            raise ValueError("fp8_linears quantises whole weight matrices and dit_fsdp shards them: choose one")
         if dit_fsdp and expert_offload:
             raise ValueError("dit_fsdp already shards both experts over the GPUs; expert_offload is for a whole teacher "
                              "per GPU: choose one")
@@ -158,6 +161,15 @@ class WanT2V:
             for model in experts.values():
                 apply_sequence_parallel(model, parallel.sp_group)
             self.sp_size = parallel.sp
+        if fp8_linears:
+            from .fp8 import has_fp8_matmul, quantize_dit
+
+            for name, model in experts.items():
+                count = quantize_dit(model, work_device=self.device)
+                log.info("expert %s: %d block linear layers in FP8 (e4m3, row-wise scales)", name, count)
+            if not has_fp8_matmul(self.device):
+                log.warning("%s has no FP8 matmul: the FP8 teacher's products run in float32 (its numbers, not its "
+                            "speed)", self.device)
         if compile_dit:
             from .compile import compile_dit as compile_blocks
 

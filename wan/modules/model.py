@@ -145,12 +145,12 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def matmul_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
+def matmul_dtype(device_type: str, linear: nn.Module) -> torch.dtype:
     """The dtype the block's linear layers compute in: the autocast dtype when autocast is on, else
-    the weights' own."""
+    the weights' own (an `wan.fp8.Fp8Linear` states the dtype its float8 weight stands for)."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return weight.dtype
+    return getattr(linear, "compute_dtype", None) or linear.weight.dtype
 
 
 # The block's elementwise math, as the reference computes it (float32 modulation and residual
@@ -358,7 +358,7 @@ class WanAttentionBlock(nn.Module):
         """x [B, L, dim]; e [B, L or 1, 6, dim] float32 (time projection, per token or per sample);
         seq_lens [B] valid tokens per sample, or None when every token is valid (no key mask)."""
         device_type = x.device.type
-        dtype = matmul_dtype(device_type, self.ffn[0].weight)
+        dtype = matmul_dtype(device_type, self.ffn[0])
         with _float32_region(device_type):
             modulation = (self.modulation.unsqueeze(0) + e).chunk(6, dim=2)  # 6 x [B, L|1, 1, dim]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.squeeze(2) for m in modulation)

@@ -1,0 +1,241 @@
+"""FP8 teacher linears (`wan/fp8.py`, `--teacher.fp8`).
+
+`torch._scaled_mm` runs on the CPU too (float32 output), so these tests go through the call a GPU run
+makes: the quantisation (scales, exactness where e4m3 represents the values), the kernel against the
+float32 product of the same operands, the deviation FP8 brings to the golden tiny DiT and its CFG
+target, the wiring (which layers, the pipeline, flags, errors). The GPU test checks cuBLASLt's kernel
+against the same reference, compiled and eager.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import chex
+import pytest
+import torch
+from torch import nn
+
+from tests import golden
+from tests.test_dit import case_inputs, golden_model, rel_l2
+from wan.fp8 import FP8_DTYPE, Fp8Linear, fp8_linear_reference, quantize_dit, quantize_rows
+
+CFG_SCALE = 3.0
+
+
+def _exact_linear(rows: int, cols: int, seed: int) -> nn.Linear:
+    """A linear layer whose rows, scaled to a largest magnitude of 448, are exact in e4m3: entries in
+    {0, +-1, +-2, +-4} with a 4 in every row become {0, 112, 224, 448} = 1.75 * 2^{6,7,8}."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.tensor([0.0, 1.0, -1.0, 2.0, -2.0, 4.0, -4.0])
+    weight = values[torch.randint(0, len(values), (rows, cols), generator=gen)]
+    weight[:, 0] = 4.0
+    layer = nn.Linear(cols, rows)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(torch.randn(rows, generator=gen))
+    return layer
+
+
+def test_quantize_rows_scales_each_row_to_e4m3_max():
+    x = torch.randn(6, 40) * torch.logspace(-3, 3, 6)[:, None]  # rows over six orders of magnitude
+    x[3] = 0.0
+    q, scale = quantize_rows(x)
+    assert q.dtype == FP8_DTYPE and scale.dtype == torch.float32
+    chex.assert_shape(scale, (6, 1))
+    amax = x.abs().amax(dim=1, keepdim=True)
+    torch.testing.assert_close(scale[[0, 1, 2, 4, 5]], amax[[0, 1, 2, 4, 5]] / 448)
+    assert scale[3].item() == 1.0 and q[3].float().abs().max().item() == 0.0
+    assert q.float().abs().amax(dim=1)[[0, 1, 2, 4, 5]].eq(448).all()  # each row's largest value is e4m3's max
+    # e4m3 keeps 3 mantissa bits: every element within 2^-4 of itself relative to its row's scale
+    back = q.float() * scale
+    assert ((back - x).abs() <= (x.abs() * 2**-4 + scale * 2**-9)).all()
+
+
+def test_fp8_linear_is_exact_where_e4m3_is():
+    """Weights and activations that e4m3 holds exactly (after row scaling) give the float product:
+    the scales are applied on the right side of the matmul, once each."""
+    layer = _exact_linear(24, 32, seed=0)
+    x = _exact_linear(10, 32, seed=1).weight * 0.25  # [10, 32], rows again {0, .25, .5, 1} * sign
+    fp8 = Fp8Linear(layer)
+    assert fp8.weight_fp8.dtype == FP8_DTYPE and fp8.weight_fp8.shape == (24, 32)
+    chex.assert_shape(fp8.weight_scale, (1, 24))
+    out = fp8(x.reshape(2, 5, 32))  # torch._scaled_mm on the CPU
+    chex.assert_shape(out, (2, 5, 24))
+    torch.testing.assert_close(out.reshape(10, 24), layer(x), rtol=1e-6, atol=1e-6)
+    reference = fp8_linear_reference(*quantize_rows(x), fp8.weight_fp8, fp8.weight_scale.t(), fp8.bias, torch.float32)
+    torch.testing.assert_close(reference, layer(x), rtol=1e-6, atol=1e-6)
+
+
+def test_scaled_mm_equals_the_float32_reference_on_cpu():
+    """The kernel path (row-wise scales [M, 1] and [1, N], the weight transposed to column-major) and the
+    float32 product of the same quantised operands agree to the bit on random values."""
+    torch.manual_seed(1)
+    layer = nn.Linear(80, 40)
+    x = torch.randn(3, 11, 80)
+    fp8 = Fp8Linear(layer)
+    out = fp8(x)
+    reference = fp8_linear_reference(*quantize_rows(x.reshape(-1, 80)), fp8.weight_fp8, fp8.weight_scale.t(),
+                                     fp8.bias, torch.float32)
+    assert torch.equal(out.reshape(-1, 40), reference)
+
+
+def test_fp8_linear_on_random_weights_is_close_and_keeps_the_dtype():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    x = torch.randn(3, 7, 64)
+    fp8 = Fp8Linear(layer)
+    err = rel_l2(fp8(x), layer(x))
+    print(f"Fp8Linear vs float32, random: rel L2 {err:.3e}")
+    assert 1e-3 < err < 4e-2  # clearly quantised, still close
+    assert fp8(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp8(x).dtype == torch.bfloat16  # what nn.Linear gives under autocast
+    assert Fp8Linear(layer.to(torch.bfloat16))(x).dtype == torch.bfloat16
+
+
+def test_quantize_dit_replaces_the_block_linears_only():
+    model, _, _ = golden_model("dit_t2v_1frame_b2")
+    model = copy.deepcopy(model)
+    layers = len(model.blocks)
+    assert quantize_dit(model) == 10 * layers  # self q k v o, cross q k v o, ffn 2
+    for block in model.blocks:
+        assert not [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+        assert isinstance(block.ffn[0], Fp8Linear) and isinstance(block.self_attn.q, Fp8Linear)
+    assert isinstance(model.text_embedding[0], nn.Linear) and isinstance(model.head.head, nn.Linear)
+    assert quantize_dit(model) == 0  # nothing left to replace
+
+
+def _cfg_pair(model, tensors, meta):
+    """The golden case's first latent with its two contexts as a (cond, uncond) pair: outputs, target."""
+    xs, contexts = case_inputs(tensors)
+    t = tensors["inputs.t"][:1].repeat(2)
+    with torch.no_grad():
+        cond, uncond = model([xs[0], xs[0]], t, contexts[:2], seq_len=meta["call"]["seq_len"])
+    return (cond, uncond), uncond + CFG_SCALE * (cond - uncond)
+
+
+def test_fp8_dit_and_cfg_target_deviation_on_the_golden_tiny_model():
+    """The golden tiny DiT (float32 on CPU) with FP8 block linears: the output and the CFG target
+    move by a few percent (README "Speed" quotes these numbers), while the unquantised model is
+    still exact against upstream's golden output."""
+    model, tensors, meta = golden_model("dit_t2v_1frame_b2")
+    fp8 = copy.deepcopy(model)
+    quantize_dit(fp8)
+    (cond, uncond), target = _cfg_pair(model, tensors, meta)
+    (cond8, uncond8), target8 = _cfg_pair(fp8, tensors, meta)
+    chex.assert_equal_shape([target, target8])
+    errors = dict(cond=rel_l2(cond8, cond), uncond=rel_l2(uncond8, uncond), cfg_target=rel_l2(target8, target))
+    print("FP8 vs float32 on dit_t2v_1frame_b2: " + ", ".join(f"{k} rel L2 {v:.3e}" for k, v in errors.items()))
+    for name, err in errors.items():
+        assert 1e-4 < err < 0.1, (name, err)
+    with torch.no_grad():
+        xs, contexts = case_inputs(tensors)
+        out = model(xs, tensors["inputs.t"], contexts, seq_len=meta["call"]["seq_len"])
+    atol, rtol = golden.tolerance(meta)
+    golden.assert_close(out[0], golden.listed(tensors, "outputs.out")[0], atol, rtol, "dit_t2v_1frame_b2", "out.0")
+
+
+def test_compiled_fp8_blocks_trace_to_one_graph():
+    """FP8 blocks under `wan.compile` (aot_eager: the graphs, not the kernels) still trace both experts
+    to one graph without breaks, activation scaling and `torch._scaled_mm` included, and give the
+    eager FP8 outputs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tests.test_dit import _tiny_experts
+    from wan.compile import compile_dit
+
+    experts = _tiny_experts()
+    for model in experts:
+        quantize_dit(model)
+    gen = torch.Generator().manual_seed(0)
+    x = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(2)]
+    ctx = [torch.randn(5, 4096, generator=gen), torch.randn(9, 4096, generator=gen)]
+    t = torch.tensor([900.0, 300.0])
+    with torch.no_grad():
+        eager = [m(x, t, ctx, seq_len=16) for m in experts]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for model in experts:
+            compile_dit(model, backend="aot_eager")
+        with torch.no_grad():
+            compiled = [m(x, t, ctx, seq_len=16) for m in experts]
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        for want, got in zip(eager, compiled):
+            for a, b in zip(want, got):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_pipeline_with_fp8_linears_on_the_tiny_release():
+    """`WanT2V(fp8_linears=True)` (what --teacher.fp8 builds) quantises both experts' blocks; its
+    latents stay near the bf16-free plain pipeline's (float32 on CPU) and upstream's recorded ones."""
+    from safetensors.torch import load_file
+
+    from wan.configs import load_config
+    from wan.text2video import WanT2V
+
+    release = golden.tiny_release_dir()
+    config = load_config(release / "config_tiny_t2v.json")
+    meta = __import__("json").loads((release / "golden_pipeline.json").read_text())
+    tensors = load_file(str(release / "golden_pipeline.safetensors"))
+    pipe = WanT2V(config, release, device="cpu", fp8_linears=True)
+    for expert in (pipe.low_noise_model, pipe.high_noise_model):
+        assert isinstance(expert.blocks[0].ffn[2], Fp8Linear) and isinstance(expert.blocks[-1].cross_attn.v, Fp8Linear)
+    run = meta["pipeline"]["runs"]["unipc"]
+    args = dict(run["generate_arguments"], size=tuple(run["generate_arguments"]["size"]),
+                guide_scale=tuple(run["generate_arguments"]["guide_scale"]))
+    latents = pipe.generate(meta["pipeline"]["prompt"], progress=False, return_latents=True, **args)
+    want = tensors["outputs.unipc.final_latent"]
+    chex.assert_shape(latents, tuple(want.shape))
+    err = rel_l2(latents, want)
+    print(f"FP8 pipeline vs upstream's final latent: rel L2 {err:.3e}")
+    assert 1e-4 < err < 0.1, err
+    with pytest.raises(ValueError, match="fp8_linears quantises whole weight matrices and dit_fsdp shards them"):
+        WanT2V(config, release, device="cpu", fp8_linears=True, dit_fsdp=True)
+
+
+def test_fp8_flag_errors():
+    from distill import config as config_lib
+
+    with pytest.raises(SystemExit, match=r"--teacher.fp8 quantises whole weight matrices and "
+                                         r"--teacher_device_strategy balanced shards them"):
+        config_lib.parse(["--teacher.fp8", "--teacher_device_strategy", "balanced"])
+    assert config_lib.parse(["--teacher.fp8"]).teacher.fp8 is True
+    assert config_lib.parse([]).teacher.fp8 is False
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [4096, 77], ids=["aligned", "padded"])
+def test_scaled_mm_matches_the_emulation(rows):
+    """torch._scaled_mm (FP8 tensor cores, float32 accumulation) against the float32 product of the
+    same quantised operands, at A14B width; 77 rows exercises the padding to a multiple of 16."""
+    from wan.fp8 import has_fp8_matmul
+
+    device = torch.device("cuda")
+    assert has_fp8_matmul(device), "an FP8 GPU (compute capability >= 8.9) is expected here"
+    torch.manual_seed(0)
+    layer = nn.Linear(5120, 13824, device=device).to(torch.bfloat16)
+    x = torch.randn(rows, 5120, device=device, dtype=torch.bfloat16)
+    fp8 = Fp8Linear(layer)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fp8(x)
+        compiled = torch.compile(fp8)(x)
+        reference = fp8_linear_reference(*quantize_rows(x), fp8.weight_fp8, fp8.weight_scale.t(), fp8.bias,
+                                         torch.float32)
+        bf16 = layer(x)
+    assert out.dtype == torch.bfloat16
+    chex.assert_shape(out, (rows, 13824))
+    print(f"scaled_mm vs emulation: {rel_l2(out, reference):.2e}; compiled {rel_l2(compiled, reference):.2e}; "
+          f"vs bf16 {rel_l2(out, bf16):.2e}")
+    assert rel_l2(out, reference) < 5e-3  # the output's bf16 rounding
+    assert rel_l2(compiled, reference) < 5e-3
+    assert rel_l2(out, bf16) < 5e-2
