@@ -659,16 +659,21 @@ def _tiny_experts(seed: int = 3) -> list[WanModel]:
     return [TINY["dit"].build().eval().requires_grad_(False) for _ in range(2)]
 
 
-def test_compiled_blocks_trace_to_one_graph_without_breaks():
+@pytest.mark.parametrize("fp8", [False, True], ids=["plain", "fp8"])
+def test_compiled_blocks_trace_to_one_graph_without_breaks(fp8):
     """Every block of both experts traces to one graph, with no graph break when every sample fills
     seq_len (the distillation case: no key mask); a padded batch runs its masked attention eagerly
-    (the `torch.compiler.disable`d length handling, nothing else breaks). Outputs equal eager."""
+    (the `torch.compiler.disable`d length handling, nothing else breaks). Outputs equal eager. The
+    same with FP8 linears (`--teacher.fp8`: activation scaling and `torch._scaled_mm` in the graph)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from wan.compile import compile_dit
+    from wan.fp8 import quantize_dit
 
     experts = _tiny_experts()
+    for model in experts if fp8 else ():
+        quantize_dit(model)
     gen = torch.Generator().manual_seed(0)
     x = [torch.randn(16, 1, 8, 8, generator=gen) for _ in range(2)]
     ctx = [torch.randn(5, 4096, generator=gen), torch.randn(9, 4096, generator=gen)]
