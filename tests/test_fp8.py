@@ -67,17 +67,25 @@ def test_fp8_linear_is_exact_where_e4m3_is():
     torch.testing.assert_close(reference, layer(x), rtol=1e-6, atol=1e-6)
 
 
-def test_scaled_mm_equals_the_float32_reference_on_cpu():
+def test_scaled_mm_equals_the_float32_reference_on_cpu(monkeypatch):
     """The kernel path (row-wise scales [M, 1] and [1, N], the weight transposed to column-major) and the
-    float32 product of the same quantised operands agree to the bit on random values."""
+    float32 product of the same quantised operands agree to the bit on random values; a layer made for a
+    device without FP8 matmuls takes the reference path, decided once when it is built."""
+    import wan.fp8
+
     torch.manual_seed(1)
     layer = nn.Linear(80, 40)
     x = torch.randn(3, 11, 80)
     fp8 = Fp8Linear(layer)
+    assert fp8.use_kernel and "torch._scaled_mm" in repr(fp8)
     out = fp8(x)
     reference = fp8_linear_reference(*quantize_rows(x.reshape(-1, 80)), fp8.weight_fp8, fp8.weight_scale.t(),
                                      fp8.bias, torch.float32)
     assert torch.equal(out.reshape(-1, 40), reference)
+    monkeypatch.setattr(wan.fp8, "has_fp8_matmul", lambda device: False)
+    emulated = Fp8Linear(layer)
+    assert not emulated.use_kernel and "float32 reference" in repr(emulated)
+    assert torch.equal(emulated(x), out)
 
 
 def test_fp8_linear_on_random_weights_is_close_and_keeps_the_dtype():

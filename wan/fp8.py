@@ -65,12 +65,16 @@ class Fp8Linear(nn.Module):
     autocast, else `compute_dtype` (the original weight's dtype)."""
 
     def __init__(self, linear: nn.Linear, work_device: torch.device | None = None):
-        """`work_device`: where to compute the scales (e.g. the GPU for a CPU-resident expert); the
-        quantised weight stays where `linear`'s weight is."""
+        """`work_device`: the device the layer will run on (default: where `linear`'s weight is); the
+        scales are computed there, the quantised weight stays where `linear`'s weight is, and whether
+        `torch._scaled_mm` runs is decided for it once, here (not per call, inside compiled graphs)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = linear.weight.dtype
         home = linear.weight.device
+        run = torch.device(work_device or home)
+        aligned = run.type != "cuda" or (self.in_features % _ALIGN == 0 and self.out_features % _ALIGN == 0)
+        self.use_kernel = has_fp8_matmul(run) and aligned
         with torch.no_grad():
             weight, scale = quantize_rows(linear.weight.to(work_device or home))  # [out, in], [out, 1]
         self.register_buffer("weight_fp8", weight.to(home))
@@ -78,7 +82,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 row-wise"
+        kernel = "torch._scaled_mm" if self.use_kernel else "float32 reference"
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 row-wise, {kernel}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
@@ -88,7 +93,7 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         xq, x_scale = quantize_rows(x2)
         cuda = x.device.type == "cuda"
-        if has_fp8_matmul(x.device) and not (cuda and (self.in_features % _ALIGN or self.out_features % _ALIGN)):
+        if self.use_kernel:
             rows = x2.shape[0]
             pad = -rows % _ALIGN if cuda else 0
             if pad:  # zero rows (scale 1) to a multiple of 16, dropped after
@@ -109,7 +114,8 @@ class Fp8Linear(nn.Module):
 
 def quantize_dit(model: nn.Module, work_device: torch.device | None = None) -> int:
     """Replace every `nn.Linear` inside `model.blocks` by an `Fp8Linear`, in place; returns how many.
-    `work_device`: where to compute the scales (one matrix at a time), wherever the weights live.
+    `work_device`: the device the model will run on (default: where its weights are now); the scales
+    are computed there one matrix at a time, wherever the weights live.
 
     Raises ValueError for a model whose parameters FSDP has sharded (DTensors)."""
     count = 0
@@ -121,7 +127,7 @@ def quantize_dit(model: nn.Module, work_device: torch.device | None = None) -> i
                 if type(child.weight).__name__ == "DTensor":
                     raise ValueError("--teacher.fp8 quantises whole weight matrices and this expert is sharded by "
                                      "FSDP: run the FP8 teacher unsharded (one GPU per teacher, --teacher.offload)")
-                setattr(module, child_name, Fp8Linear(child, work_device))
+                setattr(module, child_name, Fp8Linear(child, work_device))  # decides the kernel for work_device
                 del child
                 count += 1
     return count
