@@ -57,8 +57,9 @@ class TeacherConfig:
     1.4x faster on an H200; each new shape compiles for about 10 s): auto = on for a GPU teacher, off on the CPU."""
     fp8: bool = False
     """FP8 (e4m3, row-wise scaled) matmuls for the DiT blocks' linear layers (`wan.fp8`): weights stored in
-    float8 (half the memory), activations scaled per token; needs an FP8 GPU (Hopper, Ada), elsewhere it is
-    emulated (slow). Not with --teacher_device_strategy balanced. Changes the targets: README "Speed"."""
+    float8 (half the memory), activations scaled per token; fast on FP8 GPUs (Hopper, Ada); an older GPU gives
+    the same numbers in float32, slowly. Not with --teacher_device_strategy balanced. Moves the targets by a few
+    percent or more (README "Speed"): check on your release first. GPU speed not measured yet."""
     on_cpu: Annotated[bool, _alias("--teacher_on_cpu")] = False
     """Keep the umT5 encoder on the CPU (upstream t5_cpu)."""
     guide_scale: tuple[float, float] | None = None
