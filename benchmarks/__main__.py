@@ -17,7 +17,7 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
   teacher_forward over it (the same sizes, measured in the same run).
 - teacher_fp8: the expert with its blocks' linear layers in FP8 (`--teacher.fp8`, `wan.fp8`) against
   the same random weights in bf16 (both compiled on GPU unless --compile off; float32 and eager on
-  CPU, where FP8 is emulated), per size and batch: ms (FP8), base_ms and their ratio; for batch 2 (one latent,
+  CPU, where `torch._scaled_mm` runs without FP8 hardware), per size and batch: ms (FP8), base_ms and their ratio; for batch 2 (one latent,
   a cond / uncond context pair) the deviation of the CFG target uncond + 3 (cond - uncond) from the base one (relative L2 norm, and the
   largest element error over the target's largest magnitude).
 - sdpa: the self-attention kernel at the teacher's shapes through each SDPA backend torch offers

@@ -10,6 +10,7 @@ against the same reference, compiled and eager.
 from __future__ import annotations
 
 import copy
+import json
 
 import chex
 import pytest
@@ -154,7 +155,7 @@ def test_pipeline_with_fp8_linears_on_the_tiny_release():
 
     release = golden.tiny_release_dir()
     config = load_config(release / "config_tiny_t2v.json")
-    meta = __import__("json").loads((release / "golden_pipeline.json").read_text())
+    meta = json.loads((release / "golden_pipeline.json").read_text())
     tensors = load_file(str(release / "golden_pipeline.safetensors"))
     pipe = WanT2V(config, release, device="cpu", fp8_linears=True)
     for expert in (pipe.low_noise_model, pipe.high_noise_model):

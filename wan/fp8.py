@@ -128,6 +128,5 @@ def quantize_dit(model: nn.Module, work_device: torch.device | None = None) -> i
                     raise ValueError("--teacher.fp8 quantises whole weight matrices and this expert is sharded by "
                                      "FSDP: run the FP8 teacher unsharded (one GPU per teacher, --teacher.offload)")
                 setattr(module, child_name, Fp8Linear(child, work_device))  # decides the kernel for work_device
-                del child
                 count += 1
     return count
