@@ -14,7 +14,8 @@
 #   at 1024x1024; with BASE, the small preset of that code first.
 # PART=loop: a full-width synthetic release (`python -m wan.synthetic`, LAYERS blocks per expert) and
 #   the real loop's distill_step on it (a14b preset: small student with remat, batch 8, 1024x1024,
-#   compiled teacher), once per remat policy in POLICIES (default "full dots").
+#   compiled teacher), once per line of VARIANTS ("NAME FLAGS...", the student flags added to the
+#   preset; default: remat policy full, then dots), each into distill_step_NAME.jsonl.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed_out}
 WORK=${WORK:-/tmp/speed}
@@ -56,12 +57,17 @@ if [ "$PART" = loop ]; then
     "a cat walks on the grass" "a small white star in the corner" "three purple dots in a row" \
     "an orange square under a black circle" "a blue line across a red field" > "$WORK/prompts.txt"
   printf '%s\n' "a green circle on a yellow background" "two red triangles" > "$WORK/eval_prompts.txt"
-  for policy in ${POLICIES:-full dots}; do
+  # one variant per line: a name, then the student flags it adds to the a14b preset
+  VARIANTS=${VARIANTS:-"full --student.remat_policy full
+dots --student.remat_policy dots"}
+  while read -r name flags; do
+    [ -n "$name" ] || continue
+    # shellcheck disable=SC2086  # $flags is a list of flags
     python -m benchmarks --device cuda --full --figures bridge distill_step --iters 6 --warmup 2 -- \
       --preset a14b --teacher_path "$WORK/release" --teacher_on_cpu --data.prompts "$WORK/prompts.txt" \
       --data.eval_prompts "$WORK/eval_prompts.txt" --data.gen_steps 2 --data.samples_per_prompt 1 \
-      --train.sample_every 0 --train.steps 100 --data.cache_dir "$WORK/cache" --student.remat_policy "$policy" \
-      > "$OUT/distill_step_$policy.jsonl" 2> "$OUT/distill_step_$policy.err"
-  done
+      --train.sample_every 0 --train.steps 100 --data.cache_dir "$WORK/cache" $flags \
+      > "$OUT/distill_step_$name.jsonl" 2> "$OUT/distill_step_$name.err"
+  done <<< "$VARIANTS"
 fi
 exit 0
