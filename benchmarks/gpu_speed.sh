@@ -16,7 +16,7 @@
 #   the real loop's distill_step on it (a14b preset: small student with remat, batch 8, 1024x1024,
 #   compiled teacher), once per line of VARIANTS ("NAME FLAGS...", the student flags added to the
 #   preset; default: remat policy full, then dots), each into distill_step_NAME.jsonl.
-# PART=open: what issue 9 still lacks, most needed first, in one call of under 10 minutes: the loop
+# PART=open: what issue 9 still lacks, most needed first, meant for one call (not timed yet): the loop
 #   with the student options on and off (VARIANTS below), the GPU tests of those options, then
 #   teacher_fp8 at LAYERS blocks (the FP8 / bf16 ratio of the same blocks; scaled to 40 in the note).
 set -uo pipefail
@@ -79,7 +79,7 @@ dots --student.remat_policy dots"}
       --preset a14b --teacher_path "$WORK/release" --teacher_on_cpu --data.prompts "$WORK/prompts.txt" \
       --data.eval_prompts "$WORK/eval_prompts.txt" --data.gen_steps 2 --data.samples_per_prompt 1 \
       --train.sample_every 0 --train.steps 100 --data.cache_dir "$WORK/cache" $flags \
-      > "$OUT/distill_step_$name.jsonl" 2> "$OUT/distill_step_$name.err"
+      < /dev/null > "$OUT/distill_step_$name.jsonl" 2> "$OUT/distill_step_$name.err"  # stdin: the variants
   done <<< "$VARIANTS"
 fi
 exit 0
