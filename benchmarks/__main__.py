@@ -30,7 +30,10 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
   the teacher's outputs to JAX): ms, and its share of the student step measured in the same run.
 - distill_step: the real loop's step (`Distiller.step`: data, noise, teacher targets, bridge, student)
   on the run that the flags after `--` describe (default: the tests' fast random tiny teacher):
-  ms per step, samples/s per process, the teacher's ms inside it and the ratio step / teacher; the
+  ms per step, samples/s per process, the teacher's ms inside it and the ratio step / teacher, the
+  student step's ms (the teacher and the student each timed alone, synchronised on both sides), the
+  rest (ms minus both: noise, text, bridge and whatever waits between them), the host's ms to issue
+  one step (far below ms when the host runs ahead of the device, as it should); the
   teacher's layer count, and for a teacher with fewer layers than the A14B's 40 the ratio the same
   step would have at 40 (teacher time scaled by 40 / layers, the rest unchanged); the bridge's share
   of the step (the bridge figure of the same run); on GPU the host synchronisations torch counted
@@ -489,33 +492,42 @@ class Bench:
                 batches = [d._load_batch(i) for i in range(warmup + iters + 1)]
                 jax.block_until_ready(batches)
 
+                issue_ms = []
+
                 def steps(first: int, last: int):
                     for i in range(first, last):  # as the training loop issues them: no wait between steps
+                        start = time.perf_counter()
                         metrics = d.step(i, batches[i])
+                        issue_ms.append((time.perf_counter() - start) * 1e3)
                     jax.block_until_ready(metrics)
                     self.sync()
 
                 steps(0, warmup)
+                issue_ms.clear()
                 start = time.perf_counter()
                 steps(warmup, warmup + iters)
                 ms = (time.perf_counter() - start) * 1e3 / iters  # wall time per step
-                # the teacher's share, timed alone: its targets call synchronised on both sides
-                teacher_ms = []
-                inner = d.teacher.group_targets
+                # the teacher's and the student's shares, each timed alone: synchronised on both sides
+                teacher_ms, student_ms = [], []
 
-                def timed_targets(*a, **k):
-                    self.sync()
-                    start = time.perf_counter()
-                    out = inner(*a, **k)
-                    self.sync()
-                    teacher_ms.append((time.perf_counter() - start) * 1e3)
-                    return out
+                def timed(fn, into):
+                    def call(*a, **k):
+                        jax.block_until_ready((a, k))
+                        self.sync()
+                        start = time.perf_counter()
+                        out = jax.block_until_ready(fn(*a, **k))
+                        self.sync()
+                        into.append((time.perf_counter() - start) * 1e3)
+                        return out
+                    return call
 
-                d.teacher.group_targets = timed_targets
+                inner_teacher, inner_student = d.teacher.group_targets, d.student.step_fn
+                d.teacher.group_targets = timed(inner_teacher, teacher_ms)
+                d.student.step_fn = timed(inner_student, student_ms)
                 for i in range(warmup, warmup + iters):
                     jax.block_until_ready(d.step(i, batches[i]))
-                d.teacher.group_targets = inner
-                tms = statistics.median(teacher_ms)
+                d.teacher.group_targets, d.student.step_fn = inner_teacher, inner_student
+                tms, sms = statistics.median(teacher_ms), statistics.median(student_ms)
                 layers = d.pipe.low_noise_model.num_layers
                 extra = {}
                 if layers < A14B_LAYERS:  # the rest of the step does not depend on the teacher's depth
@@ -528,6 +540,7 @@ class Bench:
                 emit("distill_step", teacher=cfg.teacher.path, size=cfg.data.height, batch=cfg.train.batch_size,
                      student=cfg.student.hidden_size, processes=rt.world_size, teacher_layers=layers,
                      teacher_compiled=resolve_compile(cfg.teacher.compile, d.teacher.device), ms=ms, teacher_ms=tms,
+                     student_ms=sms, rest_ms=ms - tms - sms, host_issue_ms=statistics.median(issue_ms),
                      step_over_teacher=ms / tms,
                      samples_per_s_per_process=cfg.train.batch_size / rt.world_size / (ms * 1e-3), **extra)
             finally:

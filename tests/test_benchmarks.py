@@ -17,7 +17,8 @@ FIELDS = {
                      "text_attention", "scan_blocks", "remat", "remat_policy", "xla_gb"},
     "bridge": {"size", "batch", "ms", "student_step_ms", "percent_of_student_step"},
     "distill_step": {"ms", "teacher_ms", "step_over_teacher", "samples_per_s_per_process", "processes",
-                     "teacher_layers", "step_over_teacher_at_40_layers", "bridge_percent_of_step"},
+                     "teacher_layers", "step_over_teacher_at_40_layers", "bridge_percent_of_step", "student_ms",
+                     "rest_ms", "host_issue_ms"},
 }
 
 
@@ -42,6 +43,8 @@ def test_every_figure_prints_a_json_line(capsys, tmp_path):
     assert 0 < fp8[2]["cfg_target_rel_l2"] < 0.1, fp8[2]  # FP8 moves the target, by a few percent at most
     step = by_figure["distill_step"][0]
     assert step["ms"] > 0 and step["teacher_ms"] > 0 and step["teacher_layers"] == 2
+    assert step["student_ms"] > 0 and step["host_issue_ms"] > 0
+    assert step["rest_ms"] == pytest.approx(step["ms"] - step["teacher_ms"] - step["student_ms"], rel=1e-3)
     # the step's time outside the teacher is added unscaled to 20x the teacher time
     outside = step["ms"] - step["teacher_ms"]
     assert step["step_over_teacher_at_40_layers"] == pytest.approx(

@@ -207,6 +207,12 @@ def test_student_bf16_compute_matches_float32(state0):
     assert 0 < rel < 0.05, rel
 
 
+def _leaf(tree, path, last):
+    for key in path:
+        tree = tree[key.key]
+    return tree[last]
+
+
 @pytest.mark.gpu
 def test_cudnn_attention_matches_xla_with_text_masks():
     """On a GPU (bf16) "auto" attention is cuDNN; with cudnn_text_attention the cross-attention takes the
@@ -241,7 +247,15 @@ def test_cudnn_attention_matches_xla_with_text_masks():
     assert rel(out_c, out_x) < 2e-2
     assert rel(g_text_c, g_text_x) < 5e-2
     for (path, gc), gx in zip(jax.tree_util.tree_leaves_with_path(g_params_c), jax.tree.leaves(g_params_x)):
-        assert rel(gc, gx) < 5e-2, (jax.tree_util.keystr(path), rel(gc, gx))
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['k']['bias']"):
+            # softmax is unchanged by a shift common to every key, so this gradient is zero but for
+            # rounding on both paths (measured on an H100: 2e-5 per element, rel 0.05 between them);
+            # compare the difference with the scale of the same projection's kernel gradient instead
+            kernel = _leaf(g_params_x, path[:-1], "kernel")
+            assert float(jnp.linalg.norm(gc - gx)) < 5e-2 * float(jnp.linalg.norm(kernel)), name
+            continue
+        assert rel(gc, gx) < 5e-2, (name, rel(gc, gx))
     padded = ~mask[..., None]  # [B, L, 1]
     assert float(jnp.max(jnp.abs(jnp.where(padded, g_text_c, 0)))) == 0.0, "cuDNN attended to padded text"
     assert float(jnp.max(jnp.abs(g_text_c[0]))) > 0
