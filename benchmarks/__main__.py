@@ -20,6 +20,10 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
   CPU, where `torch._scaled_mm` runs without FP8 hardware), per size and batch: ms (FP8), base_ms and their ratio; for batch 2 (one latent,
   a cond / uncond context pair) the deviation of the CFG target uncond + 3 (cond - uncond) from the base one (relative L2 norm, and the
   largest element error over the target's largest magnitude).
+- fp8_linear: each kind of linear layer of a block (attention d x d, the FFN's two) at a CFG pair's
+  rows, alone: the bf16 product's ms and TFLOP/s, the FP8 product of pre-quantised operands
+  (`torch._scaled_mm`), the whole `Fp8Linear` (activation scaling, product, bias) eager and compiled,
+  each over the bf16 product.
 - sdpa: the self-attention kernel at the teacher's shapes through each SDPA backend torch offers
   here (flash, cuDNN, memory-efficient; math on CPU): ms and TFLOP/s.
 - t5_encode: the umT5 encoder on a batch of --text-len token ids: ms per prompt.
@@ -52,7 +56,7 @@ import sys
 import time
 from contextlib import nullcontext
 
-FIGURES = ("teacher_forward", "teacher_sol", "teacher_fp8", "sdpa", "t5_encode", "vae_decode", "student_step",
+FIGURES = ("teacher_forward", "teacher_sol", "teacher_fp8", "fp8_linear", "sdpa", "t5_encode", "vae_decode", "student_step",
            "bridge", "distill_step")
 CFG_SCALE = 3.0  # the A14B's low-noise guide scale: the CFG target of the teacher_fp8 figure
 A14B_LAYERS = 40
@@ -236,6 +240,52 @@ class Bench:
                 line.update(cfg_target_rel_l2=float(err.norm() / target(base).norm()),
                             cfg_target_max_err_over_max=float(err.abs().max() / target(base).abs().max()))
             emit("teacher_fp8", **line)
+
+    def fp8_linear(self):
+        """One block's linear layers alone at a CFG pair's rows: the bf16 (fp32 on CPU) product, the FP8
+        product of operands quantised beforehand, and the whole `Fp8Linear` (quantising its input, the
+        product, the bias); compiled too where --compile allows. What separates teacher_fp8's ratio
+        from the matmul's."""
+        import torch
+        from torch import nn
+
+        from wan.fp8 import Fp8Linear, quantize_rows
+
+        dit, _, _ = self.configs()
+        d, f = dit.dim, dit.ffn_dim
+        compiled = self.cuda and self.args.compile != "off"
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        for size in self.args.sizes:
+            rows = 2 * (size // 16) ** 2  # batch 2 (cond, uncond) x tokens
+            for name, n_in, n_out in (("attention", d, d), ("ffn_in", d, f), ("ffn_out", f, d)):
+                linear = nn.Linear(n_in, n_out, device=self.device, dtype=self.dtype).requires_grad_(False)
+                nn.init.normal_(linear.weight, 0, 0.02, generator=gen)
+                x = torch.randn(rows, n_in, device=self.device, generator=gen).to(self.dtype)
+                fp8 = Fp8Linear(linear)
+                xq, x_scale = quantize_rows(x)
+                kernel_dtype = torch.bfloat16 if self.cuda else self.dtype
+
+                def product():
+                    return torch._scaled_mm(xq, fp8.weight_fp8.t(), scale_a=x_scale, scale_b=fp8.weight_scale,
+                                            out_dtype=kernel_dtype)
+
+                with torch.no_grad():
+                    base_ms = self.time(lambda: linear(x))
+                    mm_ms = self.time(product) if fp8.use_kernel else None
+                    layer_ms = self.time(lambda: fp8(x))
+                    compiled_ms = None
+                    if compiled:
+                        layer = torch.compile(fp8)
+                        compiled_ms = self.time(lambda: layer(x))
+                flops = 2 * rows * n_in * n_out
+                line = dict(size=size, rows=rows, layer=name, n_in=n_in, n_out=n_out, device=str(self.device),
+                            base_dtype=str(self.dtype).replace("torch.", ""), base_ms=base_ms,
+                            base_tflops=flops / base_ms * 1e-9, ms=layer_ms, fp8_over_base=layer_ms / base_ms)
+                if mm_ms is not None:
+                    line.update(mm_ms=mm_ms, mm_tflops=flops / mm_ms * 1e-9, mm_over_base=mm_ms / base_ms)
+                if compiled_ms is not None:
+                    line.update(compiled_ms=compiled_ms, compiled_over_base=compiled_ms / base_ms)
+                emit("fp8_linear", **line)
 
     def teacher_sol(self):
         """One block's matmuls + attention in plain bf16 (fp32 on CPU), x layers: what the forward could be."""

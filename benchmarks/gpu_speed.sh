@@ -19,8 +19,9 @@
 # PART=open: what issue 9 still lacks, most needed first, meant for one call (about 10 minutes on a
 #   fresh H100, 2026-12-06): the loop with the student options on and off (VARIANTS below), the GPU
 #   tests of those options, then teacher_fp8 at LAYERS blocks (the FP8 / bf16 ratio of the same
-#   blocks), and, only if the first variant's step is still over 1.05x its teacher, the loop without
-#   remat. At most 7 files under $OUT (stderr tails in errors.log), the device tool's limit being 8.
+#   blocks) and fp8_linear (where that ratio goes), and, only if the first variant's step is still
+#   over 1.05x its teacher, the loop without remat. At most 7 files under $OUT (stderr tails in
+#   errors.log), the device tool's limit being 8.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed_out}
 WORK=${WORK:-/tmp/speed}
@@ -42,7 +43,7 @@ full --student.remat_policy full"}" bash "$0"
   timeout 120 python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_student.py tests/test_fp8.py \
     > "$OUT/gpu_tests.log" 2>&1
   timeout 150 python -m benchmarks --full --device cuda --compile on --layers "$LAYERS" --sizes 512 1024 \
-    --figures teacher_fp8 > "$OUT/fp8.jsonl" 2> "$ERR/fp8.err"
+    --figures teacher_fp8 fp8_linear > "$OUT/fp8.jsonl" 2> "$ERR/fp8.err"
   collect
   # the fallback lever, only if the options above fall short of the 1.05x step target: no remat at all
   # (on an 80 GB card its 46 GB step needs more than the a14b preset's JAX share of 0.4)
@@ -67,7 +68,7 @@ if [ "$PART" = teacher ]; then
   fi
   python -m benchmarks --full --device cuda --peak-tflops 790 --figures teacher_forward teacher_sol sdpa \
     > "$OUT/teacher.jsonl" 2> "$OUT/teacher.err"
-  python -m benchmarks --full --device cuda --compile on --figures teacher_fp8 > "$OUT/fp8.jsonl" 2> "$OUT/fp8.err"
+  python -m benchmarks --full --device cuda --compile on --figures teacher_fp8 fp8_linear > "$OUT/fp8.jsonl" 2> "$OUT/fp8.err"
   python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_dit.py tests/test_fp8.py tests/test_student.py \
     tests/test_data_path.py > "$OUT/gpu_tests.log" 2>&1
 fi

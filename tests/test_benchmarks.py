@@ -10,6 +10,8 @@ FIELDS = {
     "teacher_forward": {"size", "batch", "tokens", "layers", "ms", "tflops", "compiled", "first_call_s"},
     "teacher_fp8": {"size", "batch", "layers", "base_dtype", "base_ms", "ms", "fp8_over_base"},
     "teacher_sol": {"size", "batch", "tokens", "layers", "ms", "tflops", "teacher_eager_over_sol"},
+    "fp8_linear": {"size", "rows", "layer", "n_in", "n_out", "base_dtype", "base_ms", "base_tflops", "ms",
+                   "fp8_over_base", "mm_ms", "mm_tflops", "mm_over_base"},
     "sdpa": {"size", "batch", "tokens", "backend", "ms", "tflops"},
     "t5_encode": {"batch", "text_len", "ms", "ms_per_prompt"},
     "vae_decode": {"size", "ms"},
@@ -41,6 +43,11 @@ def test_every_figure_prints_a_json_line(capsys, tmp_path):
     fp8 = {line["batch"]: line for line in by_figure["teacher_fp8"]}
     assert fp8[2]["base_dtype"] == "float32"  # CPU: FP8 emulated against the float32 teacher
     assert 0 < fp8[2]["cfg_target_rel_l2"] < 0.1, fp8[2]  # FP8 moves the target, by a few percent at most
+    linears = by_figure["fp8_linear"]  # the block's three kinds of linear layer at 64x64: 2 x 16 rows
+    assert [(l["layer"], l["rows"]) for l in linears] == [("attention", 32), ("ffn_in", 32), ("ffn_out", 32)]
+    assert linears[1]["n_out"] == linears[2]["n_in"] > linears[1]["n_in"]
+    # (ms are printed to 4 decimals: a few percent of a 0.01 ms product)
+    assert linears[0]["mm_over_base"] == pytest.approx(linears[0]["mm_ms"] / linears[0]["base_ms"], rel=3e-2)
     step = by_figure["distill_step"][0]
     assert step["ms"] > 0 and step["teacher_ms"] > 0 and step["teacher_layers"] == 2
     assert step["student_ms"] > 0 and step["host_issue_ms"] > 0
