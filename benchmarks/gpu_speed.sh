@@ -42,7 +42,7 @@ full --student.remat_policy full"}" bash "$0"
   collect
   timeout 120 python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_student.py tests/test_fp8.py \
     > "$OUT/gpu_tests.log" 2>&1
-  timeout 150 python -m benchmarks --full --device cuda --compile on --layers "$LAYERS" --sizes 512 1024 \
+  timeout 200 python -m benchmarks --full --device cuda --compile on --layers "$LAYERS" --sizes 512 1024 \
     --figures teacher_fp8 fp8_linear > "$OUT/fp8.jsonl" 2> "$ERR/fp8.err"
   collect
   # the fallback lever, only if the options above fall short of the 1.05x step target: no remat at all
