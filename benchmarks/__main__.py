@@ -56,8 +56,8 @@ import sys
 import time
 from contextlib import nullcontext
 
-FIGURES = ("teacher_forward", "teacher_sol", "teacher_fp8", "fp8_linear", "sdpa", "t5_encode", "vae_decode", "student_step",
-           "bridge", "distill_step")
+FIGURES = ("teacher_forward", "teacher_sol", "teacher_fp8", "fp8_linear", "sdpa", "t5_encode", "vae_decode",
+           "student_step", "bridge", "distill_step")
 CFG_SCALE = 3.0  # the A14B's low-noise guide scale: the CFG target of the teacher_fp8 figure
 A14B_LAYERS = 40
 
