@@ -41,7 +41,9 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
   teacher's layer count, and for a teacher with fewer layers than the A14B's 40 the ratio the same
   step would have at 40 (teacher time scaled by 40 / layers, the rest unchanged); the bridge's share
   of the step (the bridge figure of the same run); on GPU the host synchronisations torch counted
-  inside the timed steps (`torch.cuda.set_sync_debug_mode`).
+  inside the timed steps (`torch.cuda.set_sync_debug_mode`), and the same steps once more under torch's
+  profiler (`gpu_timeline`): the device's busy and idle ms per step, each stream's busy ms, and the
+  longest idle gaps with the kernels on either side (where the rest goes).
 
 Random weights everywhere (no checkpoint is read, nothing downloads); `--layers` shortens the DiT
 and states the count in every line, so a figure for fewer layers is labelled as such.
@@ -94,6 +96,42 @@ def dit_flops(dit, tokens: int, text: int, batch: int) -> float:
         + 2 * 2 * tokens * d * f  # feed-forward
     )
     return batch * dit.num_layers * per_block
+
+
+GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def gpu_timeline(trace_events: list[dict], steps: int, wall_ms: float, gaps: int = 5) -> dict:
+    """What the GPU did over `steps` steps of `wall_ms` each, from a profiler's chrome-trace events.
+
+    busy: the union of the device activities' intervals (kernels, copies, sets; streams overlap),
+    per step; idle = wall - busy; the busy time of each stream (``args.stream``), and of torch's
+    streams together (those running any ATen kernel, ``at::native``: the teacher's, with its few
+    bridge and text copies) and the others' (JAX's); and the longest gaps between activities, each
+    with the names of the activities on either side."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?"), e.get("args", {}).get("stream", -1))
+                   for e in trace_events if e.get("cat") in GPU_ACTIVITY and "ts" in e)
+    if not spans:
+        return {}
+    busy, per_stream, holes, torch_streams = 0.0, {}, [], set()
+    start, end, last = spans[0][0], spans[0][1], spans[0][2]
+    for s, e, name, stream in spans:
+        per_stream[stream] = per_stream.get(stream, 0.0) + (e - s)
+        if "at::native" in name:
+            torch_streams.add(stream)
+        if s > end:  # a hole: nothing ran on the device between `end` and `s`
+            busy += end - start
+            holes.append((s - end, last, name))
+            start = s
+        if e >= end:
+            end, last = e, name
+    busy += end - start
+    holes.sort(key=lambda h: -h[0])
+    return dict(gpu_busy_ms=busy / 1e3 / steps, gpu_idle_ms=wall_ms - busy / 1e3 / steps,
+                gpu_stream_ms={str(k): round(v / 1e3 / steps, 3) for k, v in sorted(per_stream.items())},
+                gpu_torch_ms=sum(v for k, v in per_stream.items() if k in torch_streams) / 1e3 / steps,
+                gpu_jax_ms=sum(v for k, v in per_stream.items() if k not in torch_streams) / 1e3 / steps,
+                gpu_gaps=[[round(g / 1e3, 3), before[:60], after[:60]] for g, before, after in holes[:gaps]])
 
 
 class Bench:
@@ -587,6 +625,15 @@ class Bench:
                     extra["bridge_percent_of_step"] = 100 * self.bridge_ms / ms
                 if self.cuda:
                     extra["host_syncs_per_step"] = self._count_syncs(d) / 2
+                    profiled = self._profile_steps(d, batches[warmup:warmup + iters], warmup)
+                    extra.update(profiled)
+                    if layers < A14B_LAYERS and profiled.get("gpu_torch_ms"):
+                        # the same ratio from the profiled steps alone: the teacher's kernels and the step's wall
+                        # time of the same steps, at the same clocks (a power-capped GPU's clock moves between
+                        # the timings above)
+                        scaled = profiled["gpu_torch_ms"] * A14B_LAYERS / layers
+                        extra["profiled_step_over_teacher_at_40_layers"] = (
+                            profiled["profiled_ms"] - profiled["gpu_torch_ms"] + scaled) / scaled
                 emit("distill_step", teacher=cfg.teacher.path, size=cfg.data.height, batch=cfg.train.batch_size,
                      student=cfg.student.hidden_size, processes=rt.world_size, teacher_layers=layers,
                      teacher_compiled=resolve_compile(cfg.teacher.compile, d.teacher.device), ms=ms, teacher_ms=tms,
@@ -596,6 +643,31 @@ class Bench:
             finally:
                 stop.restore()
                 rt.shutdown()
+
+    @staticmethod
+    def _profile_steps(d, batches, first: int) -> dict:
+        """`gpu_timeline` of the loop's steps issued back to back under torch's profiler (CUPTI sees the
+        kernels of both frameworks: they share the process's CUDA context)."""
+        import tempfile
+
+        import jax
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for k, batch in enumerate(batches):
+                metrics = d.step(first + k, batch)
+            jax.block_until_ready(metrics)
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            with open(f"{tmp}/trace.json") as f:
+                events = json.load(f)["traceEvents"]
+        timeline = gpu_timeline(events, len(batches), wall_ms)
+        return dict(profiled_ms=wall_ms, **timeline)
 
     @staticmethod
     def _count_syncs(d, steps: int = 2) -> int:

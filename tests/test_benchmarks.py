@@ -80,3 +80,26 @@ def test_bad_size_is_refused(capsys):
         main(["--sizes", "100"])
     assert exit_info.value.code == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+def test_gpu_timeline_counts_overlaps_once_and_finds_the_gaps():
+    from benchmarks.__main__ import gpu_timeline
+
+    def kernel(name, ts, dur, stream):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    events = [  # two steps of 10 ms wall (times in us): teacher on stream 7, student on stream 3
+        kernel("void at::native::add_kernel", 0, 4000, 7), kernel("student_a", 3000, 2000, 3),  # overlap of 1 ms
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 20000},  # host events are not device time
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 5000, "dur": 500, "args": {"stream": 7}},
+        kernel("teacher_b", 10000, 6000, 7), kernel("inside_b", 11000, 500, 3),  # within teacher_b
+        kernel("student_b", 18000, 1000, 3),
+    ]
+    t = gpu_timeline(events, steps=2, wall_ms=10.0)
+    # busy: [0, 5.5] + [10, 16] + [18, 19] = 12.5 ms over two steps
+    assert t["gpu_busy_ms"] == pytest.approx(6.25) and t["gpu_idle_ms"] == pytest.approx(3.75)
+    assert t["gpu_stream_ms"] == {"3": 1.75, "7": 5.25}
+    assert t["gpu_gaps"] == [[4.5, "Memcpy HtoD", "teacher_b"], [2.0, "teacher_b", "student_b"]]
+    # stream 7 ran an ATen kernel: torch's (the teacher), the rest JAX's
+    assert t["gpu_torch_ms"] == pytest.approx(5.25) and t["gpu_jax_ms"] == pytest.approx(1.75)
+    assert gpu_timeline([], steps=1, wall_ms=1.0) == {}
