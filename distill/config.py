@@ -191,7 +191,9 @@ def a14b() -> Config:
     return Config(
         preset="a14b",
         workdir="runs/a14b",
-        student=student_preset("small", remat=True),  # the student is ~3% of a step: memory matters more
+        # the student's step is ~4% of the teacher's: no remat, blocks unrolled, text attention on cuDNN is
+        # its fastest layout that fits JAX's 40% of an 80 GB card (25 GB, README "Speed")
+        student=student_preset("small", scan_blocks=False, cudnn_text_attention=True),
         optim=OptimConfig(lr=1e-4, warmup_steps=1000, total_steps=100_000, end_lr_ratio=0.1, weight_decay=0.01,
                           clip_norm=1.0, ema_decay=0.9999),
         data=DataConfig(prompts="", eval_prompts="", height=1024, width=1024, samples_per_prompt=1, gen_steps=40),
