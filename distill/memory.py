@@ -81,7 +81,8 @@ def student_estimate(student_cfg, batch: int, latent_hw: tuple[int, int], text_l
     tokens = (h // student_cfg.patch_size) * (w // student_cfg.patch_size)
     act_bytes = 2 if student_cfg.dtype == "bfloat16" else 4
     hidden = student_cfg.hidden_size
-    per_block = batch * tokens * hidden * act_bytes * 32  # saved activations of attention + MLP
+    # saved activations of attention + MLP (the factor fitted to XLA's figures for `small`: README "Speed")
+    per_block = batch * tokens * hidden * act_bytes * 32
     impl = student_cfg.attention_impl
     if impl == "auto":  # the plan is made for a GPU: auto means cuDNN there in bf16
         impl = "cudnn" if student_cfg.dtype == "bfloat16" else "xla"

@@ -32,8 +32,8 @@ def test_fp8_experts_take_about_half_the_memory():
 
 
 def test_one_gpu_80gb_command_fits():
-    """The README's 1-GPU command: one expert resident, umT5 on the CPU, remat, 40% for JAX."""
-    cfg, plan = _plan("--teacher.offload", "--teacher_on_cpu")  # the a14b preset: remat, 40% for JAX
+    """The README's 1-GPU command: one expert resident, umT5 on the CPU, the student without remat, 40% for JAX."""
+    cfg, plan = _plan("--teacher.offload", "--teacher_on_cpu")  # the a14b preset: 40% for JAX
     check(plan, cfg, world=1)
     lines = dict(plan.torch_lines)
     assert lines["1 expert resident (14.3B params, offload)"] == pytest.approx(28.6e9, rel=0.01)
