@@ -15,15 +15,18 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
 - teacher_sol: the speed of light of that forward: one block's matmuls and attention alone (bf16,
   no norms, modulation or rotary), times the layer count: ms, TFLOP/s, and each measured
   teacher_forward over it (the same sizes, measured in the same run).
-- teacher_fp8: the expert with its blocks' linear layers in FP8 (`--teacher.fp8`, `wan.fp8`) against
+- teacher_fp8: the expert with its blocks' linear layers in FP8 (`--teacher.fp8`, `wan.fp8`; each of
+  --fp8-recipes: row- or tensor-wise scales, "+fast" with the kernel's fast accumulation) against
   the same random weights in bf16 (both compiled on GPU unless --compile off; float32 and eager on
   CPU, where `torch._scaled_mm` runs without FP8 hardware), per size and batch: ms (FP8), base_ms and their ratio; for batch 2 (one latent,
   a cond / uncond context pair) the deviation of the CFG target uncond + 3 (cond - uncond) from the base one (relative L2 norm, and the
-  largest element error over the target's largest magnitude).
+  largest element error over the target's largest magnitude); on GPU the kernel time of both by kind
+  (`kernel_kinds`: matmul, attention, other; the FP8 run's largest other kernels): what FP8 speeds up and
+  what it leaves.
 - fp8_linear: each kind of linear layer of a block (attention d x d, the FFN's two) at a CFG pair's
-  rows, alone: the bf16 product's ms and TFLOP/s, the FP8 product of pre-quantised operands
-  (`torch._scaled_mm`), the whole `Fp8Linear` (activation scaling, product, bias) eager and compiled,
-  each over the bf16 product.
+  rows, alone: the bf16 product's ms and TFLOP/s, and per recipe the FP8 product of pre-quantised
+  operands (`torch._scaled_mm`), the whole `Fp8Linear` (activation scaling, product, bias) eager and
+  compiled, each over the bf16 product.
 - sdpa: the self-attention kernel at the teacher's shapes through each SDPA backend torch offers
   here (flash, cuDNN, memory-efficient; math on CPU): ms and TFLOP/s.
 - t5_encode: the umT5 encoder on a batch of --text-len token ids: ms per prompt.
@@ -62,6 +65,15 @@ FIGURES = ("teacher_forward", "teacher_sol", "teacher_fp8", "fp8_linear", "sdpa"
            "student_step", "bridge", "distill_step")
 CFG_SCALE = 3.0  # the A14B's low-noise guide scale: the CFG target of the teacher_fp8 figure
 A14B_LAYERS = 40
+
+
+FP8_RECIPES = ("row", "row+fast", "tensor", "tensor+fast")  # --fp8-recipes: scaling, "+fast" = fast accumulation
+
+
+def fp8_recipe(name: str) -> dict:
+    """"row", "tensor+fast", ... -> `Fp8Linear`'s keyword arguments (scaling, fast_accum)."""
+    scaling, _, fast = name.partition("+")
+    return dict(scaling=scaling, fast_accum=fast == "fast")
 
 
 def emit(figure: str, **fields) -> dict:
@@ -134,6 +146,31 @@ def gpu_timeline(trace_events: list[dict], steps: int, wall_ms: float, gaps: int
                 gpu_gaps=[[round(g / 1e3, 3), before[:60], after[:60]] for g, before, after in holes[:gaps]])
 
 
+ATTENTION_KERNELS = ("flash", "fmha", "sdpa", "attention", "attn")
+MATMUL_KERNELS = ("gemm", "nvjet", "xmma", "cutlass", "matmul", "scaled_mm")
+
+
+def kernel_kinds(trace_events: list[dict], runs: int, top: int = 5) -> dict:
+    """Kernel time per run from a profiler's chrome-trace events, by kind, told by the kernel's name:
+    attention (flash, fmha, sdpa, attention, attn), matmul (gemm, nvjet, xmma, cutlass, matmul,
+    scaled_mm; attention first, so a CUTLASS attention kernel counts as attention) and other (Triton's
+    fused elementwise and reduction kernels, copies, ...), with the `top` other kernels by time."""
+    kinds, other = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, {}
+    for e in trace_events:
+        if e.get("cat") != "kernel":
+            continue
+        name, us = e.get("name", "?"), e.get("dur", 0)
+        low = name.lower()
+        kind = ("attention" if any(k in low for k in ATTENTION_KERNELS) else
+                "matmul" if any(k in low for k in MATMUL_KERNELS) else "other")
+        kinds[kind] += us
+        if kind == "other":
+            other[name[:60]] = other.get(name[:60], 0.0) + us
+    top_other = sorted(other.items(), key=lambda kv: -kv[1])[:top]
+    return dict(**{f"{k}_kernel_ms": v / 1e3 / runs for k, v in kinds.items()},
+                top_other_kernels=[[name, round(us / 1e3 / runs, 3)] for name, us in top_other])
+
+
 class Bench:
     def __init__(self, args):
         import torch
@@ -153,12 +190,16 @@ class Bench:
     def time(self, fn) -> float:
         return _timed(fn, self.sync, self.args.iters, self.args.warmup)
 
-    def _random(self, config_build):
-        """A module built on meta and filled with small random values on the device (no init cost)."""
+    def _random(self, config_build, dtype=None):
+        """A module built on meta and filled with small random values on the device (no init cost), its
+        floating-point tensors in `dtype` when given (built in it: a 40-block expert in bf16 is 28 GB,
+        its float32 copy would not fit beside it on an 80 GB card)."""
         import torch
 
         with torch.device("meta"):
             module = config_build()
+            if dtype is not None:
+                module = module.to(dtype)
         module = module.to_empty(device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(0)
         with torch.no_grad():
@@ -205,9 +246,7 @@ class Bench:
         from wan.compile import compile_dit
 
         dit, _, _ = self.configs()
-        model = self._random(dit.build)
-        if self.cuda:
-            model = model.to(torch.bfloat16)
+        model = self._random(dit.build, torch.bfloat16 if self.cuda else None)
         modes = {"off": [False], "on": [True], "both": [False, True]}[self.args.compile]
         eager_ms = {}
         self.teacher_ms = {}
@@ -244,12 +283,10 @@ class Bench:
         dit, _, _ = self.configs()
         compiled = self.cuda and self.args.compile != "off"
         runs = {}
-        for fp8 in (False, True):
-            model = self._random(dit.build)  # the same seeded weights both times
-            if self.cuda:
-                model = model.to(torch.bfloat16)
-            if fp8:
-                quantize_dit(model)
+        for recipe in (None, *self.args.fp8_recipes):  # None: the bf16 (float32 on CPU) base
+            model = self._random(dit.build, torch.bfloat16 if self.cuda else None)  # the same seeded weights each time
+            if recipe:
+                quantize_dit(model, **fp8_recipe(recipe))
             if compiled:
                 compile_dit(model)
             torch.manual_seed(0)
@@ -261,15 +298,17 @@ class Bench:
                         return model(x, t=t, context=ctx, seq_len=tokens)
 
                 out = [o.float() for o in run()]  # (compiles when compiled)
-                runs[(fp8, size, batch)] = (self.time(run), out)
+                kinds = self._kernel_kinds(run) if self.cuda else {}
+                runs[(recipe, size, batch)] = (self.time(run), out, kinds)
             del model
-        for (fp8, size, batch), (ms, out) in runs.items():
-            if not fp8:
+        for (recipe, size, batch), (ms, out, kinds) in runs.items():
+            if recipe is None:
                 continue
-            base_ms, base = runs[(False, size, batch)]
-            line = dict(size=size, batch=batch, layers=dit.num_layers, dim=dit.dim, device=str(self.device),
-                        compiled=compiled, base_dtype=str(self.dtype).replace("torch.", ""), base_ms=base_ms,
-                        ms=ms, fp8_over_base=ms / base_ms)
+            base_ms, base, base_kinds = runs[(None, size, batch)]
+            line = dict(size=size, batch=batch, recipe=recipe, layers=dit.num_layers, dim=dit.dim,
+                        device=str(self.device), compiled=compiled, base_dtype=str(self.dtype).replace("torch.", ""),
+                        base_ms=base_ms, ms=ms, fp8_over_base=ms / base_ms, **kinds,
+                        **{f"base_{k}": v for k, v in base_kinds.items() if k != "top_other_kernels"})
             if batch == 2:
                 def target(o):
                     return o[1] + CFG_SCALE * (o[0] - o[1])  # [16, 1, h, w]
@@ -280,14 +319,14 @@ class Bench:
             emit("teacher_fp8", **line)
 
     def fp8_linear(self):
-        """One block's linear layers alone at a CFG pair's rows: the bf16 (fp32 on CPU) product, the FP8
-        product of operands quantised beforehand, and the whole `Fp8Linear` (quantising its input, the
-        product, the bias); compiled too where --compile allows. What separates teacher_fp8's ratio
-        from the matmul's."""
+        """One block's linear layers alone at a CFG pair's rows: the bf16 (fp32 on CPU) product, and per
+        FP8 recipe the product of operands quantised beforehand and the whole `Fp8Linear` (quantising
+        its input, the product, the bias), compiled too where --compile allows. What separates
+        teacher_fp8's ratio from the matmul's."""
         import torch
         from torch import nn
 
-        from wan.fp8 import Fp8Linear, quantize_rows
+        from wan.fp8 import Fp8Linear
 
         dit, _, _ = self.configs()
         d, f = dit.dim, dit.ffn_dim
@@ -299,31 +338,35 @@ class Bench:
                 linear = nn.Linear(n_in, n_out, device=self.device, dtype=self.dtype).requires_grad_(False)
                 nn.init.normal_(linear.weight, 0, 0.02, generator=gen)
                 x = torch.randn(rows, n_in, device=self.device, generator=gen).to(self.dtype)
-                fp8 = Fp8Linear(linear)
-                xq, x_scale = quantize_rows(x)
-                kernel_dtype = torch.bfloat16 if self.cuda else self.dtype
-
-                def product():
-                    return torch._scaled_mm(xq, fp8.weight_fp8.t(), scale_a=x_scale, scale_b=fp8.weight_scale,
-                                            out_dtype=kernel_dtype)
-
+                flops = 2 * rows * n_in * n_out
                 with torch.no_grad():
                     base_ms = self.time(lambda: linear(x))
-                    mm_ms = self.time(product) if fp8.use_kernel else None
-                    layer_ms = self.time(lambda: fp8(x))
-                    compiled_ms = None
-                    if compiled:
-                        layer = torch.compile(fp8)
-                        compiled_ms = self.time(lambda: layer(x))
-                flops = 2 * rows * n_in * n_out
-                line = dict(size=size, rows=rows, layer=name, n_in=n_in, n_out=n_out, device=str(self.device),
-                            base_dtype=str(self.dtype).replace("torch.", ""), base_ms=base_ms,
-                            base_tflops=flops / base_ms * 1e-9, ms=layer_ms, fp8_over_base=layer_ms / base_ms)
-                if mm_ms is not None:
-                    line.update(mm_ms=mm_ms, mm_tflops=flops / mm_ms * 1e-9, mm_over_base=mm_ms / base_ms)
-                if compiled_ms is not None:
-                    line.update(compiled_ms=compiled_ms, compiled_over_base=compiled_ms / base_ms)
-                emit("fp8_linear", **line)
+                for recipe in self.args.fp8_recipes:
+                    fp8 = Fp8Linear(linear, **fp8_recipe(recipe))
+                    xq, x_scale = fp8._quantize(x)
+                    kernel_dtype = torch.bfloat16 if self.cuda else self.dtype
+
+                    def product():
+                        return torch._scaled_mm(xq, fp8.weight_fp8.t(), scale_a=x_scale, scale_b=fp8.weight_scale,
+                                                out_dtype=kernel_dtype, use_fast_accum=fp8.fast_accum)
+
+                    with torch.no_grad():
+                        mm_ms = self.time(product) if fp8.use_kernel else None
+                        layer_ms = self.time(lambda: fp8(x))
+                        compiled_ms = None
+                        if compiled:
+                            torch._dynamo.reset()  # a fresh budget: 24 layers would pass dynamo's recompile limit
+                            layer = torch.compile(fp8)
+                            compiled_ms = self.time(lambda: layer(x))
+                    line = dict(size=size, rows=rows, layer=name, recipe=recipe, n_in=n_in, n_out=n_out,
+                                device=str(self.device), base_dtype=str(self.dtype).replace("torch.", ""),
+                                base_ms=base_ms, base_tflops=flops / base_ms * 1e-9, ms=layer_ms,
+                                fp8_over_base=layer_ms / base_ms)
+                    if mm_ms is not None:
+                        line.update(mm_ms=mm_ms, mm_tflops=flops / mm_ms * 1e-9, mm_over_base=mm_ms / base_ms)
+                    if compiled_ms is not None:
+                        line.update(compiled_ms=compiled_ms, compiled_over_base=compiled_ms / base_ms)
+                    emit("fp8_linear", **line)
 
     def teacher_sol(self):
         """One block's matmuls + attention in plain bf16 (fp32 on CPU), x layers: what the forward could be."""
@@ -399,9 +442,7 @@ class Bench:
         import torch
 
         _, t5, _ = self.configs()
-        model = self._random(lambda: t5.build())
-        if self.cuda:
-            model = model.to(torch.bfloat16)
+        model = self._random(lambda: t5.build(), torch.bfloat16 if self.cuda else None)
         batch, length = self.args.t5_batch, self.args.text_len
         ids = torch.randint(0, t5.vocab, (batch, length), device=self.device)
         mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
@@ -645,6 +686,24 @@ class Bench:
                 rt.shutdown()
 
     @staticmethod
+    def _kernel_kinds(fn, runs: int = 3) -> dict:
+        """`kernel_kinds` of `runs` calls of fn() under torch's profiler (GPU only)."""
+        import tempfile
+
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                fn()
+            torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            with open(f"{tmp}/trace.json") as f:
+                return kernel_kinds(json.load(f)["traceEvents"], runs)
+
+    @staticmethod
     def _profile_steps(d, batches, first: int) -> dict:
         """`gpu_timeline` of the loop's steps issued back to back under torch's profiler (CUPTI sees the
         kernels of both frameworks: they share the process's CUDA context)."""
@@ -719,6 +778,8 @@ def parse_args(argv):
     p.add_argument("--t5-batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--fp8-recipes", nargs="+", choices=FP8_RECIPES, default=["row"],
+                   help="teacher_fp8 / fp8_linear: FP8 scalings (row, tensor), '+fast' with fast accumulation")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="measured bf16 matmul peak, for peak_fraction")
     p.add_argument("--scan", choices=("on", "off", "both"), default="on",
                    help="student_step with the blocks under nn.scan (the default layout), unrolled, or both")

@@ -24,6 +24,10 @@
 #   tool's limit being 8. Every loop run logs the SM clock and power (clocks_NAME.csv): an H100 at
 #   its 700 W cap under the teacher slows its clock by up to a third, which moves timings taken
 #   seconds apart.
+# PART=fp8: the FP8 recipes (RECIPES: row- and tensor-wise scales, each with and without fast
+#   accumulation) side by side: fp8_linear at 512^2 and 1024^2 (fp8_linear.jsonl), teacher_fp8 at LAYERS
+#   blocks against the same bf16 blocks (teacher_fp8.jsonl; SM clock and power in clocks_fp8.csv), and
+#   the FP8 GPU tests (gpu_tests_fp8.log). About 7 minutes on a fresh H100.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed_out}
 WORK=${WORK:-/tmp/speed}
@@ -49,6 +53,23 @@ if [ "$PART" = open ]; then
   timeout 200 python -m benchmarks --full --device cuda --compile on --layers "$LAYERS" --sizes 512 1024 \
     --figures teacher_fp8 fp8_linear > "$OUT/fp8.jsonl" 2> "$ERR/fp8.err"
   collect
+fi
+
+if [ "$PART" = fp8 ]; then
+  RECIPES=${RECIPES:-"row row+fast tensor tensor+fast"}
+  # shellcheck disable=SC2086  # $RECIPES is a list
+  timeout 150 python -m benchmarks --full --device cuda --compile on --sizes 512 1024 --figures fp8_linear \
+    --fp8-recipes $RECIPES > "$OUT/fp8_linear.jsonl" 2> "$WORK/fp8_linear.err"
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader \
+    -lms 500 > "$OUT/clocks_fp8.csv" 2>&1 &
+  clocks=$!
+  # shellcheck disable=SC2086
+  timeout 330 python -m benchmarks --full --device cuda --compile on --layers "$LAYERS" --sizes 512 1024 \
+    --figures teacher_fp8 --fp8-recipes $RECIPES > "$OUT/teacher_fp8.jsonl" 2> "$WORK/teacher_fp8.err"
+  kill "$clocks" 2> /dev/null
+  timeout 120 python -m pytest -q -s -m gpu -p no:cacheprovider tests/test_fp8.py > "$OUT/gpu_tests_fp8.log" 2>&1
+  { for f in "$WORK"/fp8_linear.err "$WORK"/teacher_fp8.err; do echo "== $f"; tail -n 15 "$f"; done; } \
+    > "$OUT/fp8_errors.log" 2>&1
 fi
 
 if [ "$PART" = teacher ]; then

@@ -56,10 +56,18 @@ class TeacherConfig:
     """torch.compile each DiT block (fuses the norm / modulation / rotary / residual math around the matmuls:
     1.4x faster on an H200; each new shape compiles for about 10 s): auto = on for a GPU teacher, off on the CPU."""
     fp8: bool = False
-    """FP8 (e4m3, row-wise scaled) matmuls for the DiT blocks' linear layers (`wan.fp8`): weights stored in
+    """FP8 (e4m3) matmuls for the DiT blocks' linear layers (`wan.fp8`): weights stored in
     float8 (half the memory), activations scaled per token; fast on FP8 GPUs (Hopper, Ada); an older GPU gives
     the same numbers in float32, slowly. Not with --teacher_device_strategy balanced. Moves the targets by a few
-    percent or more (README "Speed"): check on your release first. GPU speed not measured yet."""
+    percent or more (README "Speed"): check on your release first."""
+    fp8_scaling: Literal["row", "tensor"] = "row"
+    """With --teacher.fp8: row = a scale per token and per output channel (a sample's target does not depend
+    on its batch); tensor = one scale per weight and per activation tensor (the whole batch)."""
+    fp8_fast_accum: bool = True
+    """With --teacher.fp8: the FP8 kernel's fast accumulation (partial sums kept in reduced precision between
+    promotions): 0.67x instead of 0.73x the bf16 forward at 1024x1024 batch 2 on an H100, each product within
+    0.4% of the exact one against FP8's 3.7% from bf16 (README "Speed"); --teacher.no_fp8_fast_accum for
+    float32 accumulation throughout."""
     on_cpu: Annotated[bool, _alias("--teacher_on_cpu")] = False
     """Keep the umT5 encoder on the CPU (upstream t5_cpu)."""
     guide_scale: tuple[float, float] | None = None

@@ -66,7 +66,8 @@ def build_pipeline(folder: Path, config, teacher_cfg, rt) -> WanT2V:
     return WanT2V(config, folder, device=device, t5_cpu=t5_cpu, init_on_cpu=not on_gpu, convert_model_dtype=bf16,
                   dit_fsdp=fsdp, t5_fsdp=fsdp and not t5_cpu, use_sp=teacher_cfg.sp > 1, parallel=parallel,
                   expert_offload=teacher_cfg.offload, compile_dit=resolve_compile(teacher_cfg.compile, device),
-                  fp8_linears=teacher_cfg.fp8)
+                  fp8_linears=teacher_cfg.fp8, fp8_scaling=teacher_cfg.fp8_scaling,
+                  fp8_fast_accum=teacher_cfg.fp8_fast_accum)
 
 
 def free_text_encoder(pipe: WanT2V) -> None:

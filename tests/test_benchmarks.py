@@ -8,9 +8,9 @@ from benchmarks.__main__ import FIGURES, dit_flops, main
 
 FIELDS = {
     "teacher_forward": {"size", "batch", "tokens", "layers", "ms", "tflops", "compiled", "first_call_s"},
-    "teacher_fp8": {"size", "batch", "layers", "base_dtype", "base_ms", "ms", "fp8_over_base"},
+    "teacher_fp8": {"size", "batch", "recipe", "layers", "base_dtype", "base_ms", "ms", "fp8_over_base"},
     "teacher_sol": {"size", "batch", "tokens", "layers", "ms", "tflops", "teacher_eager_over_sol"},
-    "fp8_linear": {"size", "rows", "layer", "n_in", "n_out", "base_dtype", "base_ms", "base_tflops", "ms",
+    "fp8_linear": {"size", "rows", "layer", "recipe", "n_in", "n_out", "base_dtype", "base_ms", "base_tflops", "ms",
                    "fp8_over_base", "mm_ms", "mm_tflops", "mm_over_base"},
     "sdpa": {"size", "batch", "tokens", "backend", "ms", "tflops"},
     "t5_encode": {"batch", "text_len", "ms", "ms_per_prompt"},
@@ -60,6 +60,24 @@ def test_every_figure_prints_a_json_line(capsys, tmp_path):
     assert bridge["percent_of_student_step"] == pytest.approx(100 * bridge["ms"] / bridge["student_step_ms"], rel=1e-3)
 
 
+def test_fp8_figures_run_each_recipe(capsys):
+    """--fp8-recipes: teacher_fp8 and fp8_linear once per recipe against one base; the CPU kernel
+    accumulates in float32 either way, so fast accumulation gives the same target there, while the
+    tensor-wise scaling moves it differently from the row-wise one."""
+    recipes = ["row", "row+fast", "tensor", "tensor+fast"]
+    assert main(["--iters", "1", "--warmup", "0", "--sizes", "64", "--figures", "teacher_fp8", "fp8_linear",
+                 "--fp8-recipes", *recipes]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    pair = {l["recipe"]: l for l in lines if l["figure"] == "teacher_fp8" and l["batch"] == 2}
+    assert list(pair) == recipes
+    assert len({l["base_ms"] for l in pair.values()}) == 1  # one base for every recipe
+    assert pair["row+fast"]["cfg_target_rel_l2"] == pair["row"]["cfg_target_rel_l2"]
+    assert pair["tensor+fast"]["cfg_target_rel_l2"] == pair["tensor"]["cfg_target_rel_l2"]
+    assert pair["tensor"]["cfg_target_rel_l2"] != pair["row"]["cfg_target_rel_l2"]
+    linears = [(l["layer"], l["recipe"]) for l in lines if l["figure"] == "fp8_linear"]
+    assert linears == [(layer, r) for layer in ("attention", "ffn_in", "ffn_out") for r in recipes]
+
+
 def test_dit_flops_counts_the_a14b_matmuls():
     """At A14B width one 1024^2 forward (4096 tokens, 512 text): 2 FLOPs per multiply-add of every matmul."""
     from wan.modules.model import DiTConfig
@@ -103,3 +121,27 @@ def test_gpu_timeline_counts_overlaps_once_and_finds_the_gaps():
     # stream 7 ran an ATen kernel: torch's (the teacher), the rest JAX's
     assert t["gpu_torch_ms"] == pytest.approx(5.25) and t["gpu_jax_ms"] == pytest.approx(1.75)
     assert gpu_timeline([], steps=1, wall_ms=1.0) == {}
+
+
+def test_kernel_kinds_sorts_kernels_by_name():
+    from benchmarks.__main__ import kernel_kinds
+
+    def kernel(name, dur):
+        return {"cat": "kernel", "name": name, "ts": 0, "dur": dur}
+
+    events = [  # two runs, times in us
+        kernel("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 3000),  # cuBLAS bf16 GEMM
+        kernel("void cutlass::device_kernel<f8f8bf16_rowwise>", 2000),  # FP8 row-wise product
+        kernel("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", 1500),
+        kernel("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 500),  # CUTLASS attention: attention, not matmul
+        kernel("triton_per_fused_add_mul_native_layer_norm_0", 600),
+        kernel("triton_poi_fused_gelu_1", 300), kernel("triton_per_fused_add_mul_native_layer_norm_0", 200),
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 0, "dur": 9999},  # not a kernel
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9999},
+    ]
+    k = kernel_kinds(events, runs=2)
+    assert k["matmul_kernel_ms"] == pytest.approx(2.5)
+    assert k["attention_kernel_ms"] == pytest.approx(1.0)
+    assert k["other_kernel_ms"] == pytest.approx(0.55)
+    assert k["top_other_kernels"] == [["triton_per_fused_add_mul_native_layer_norm_0", 0.4],
+                                      ["triton_poi_fused_gelu_1", 0.15]]

@@ -19,7 +19,7 @@ from torch import nn
 
 from tests import golden
 from tests.test_dit import case_inputs, golden_model, rel_l2
-from wan.fp8 import FP8_DTYPE, Fp8Linear, fp8_linear_reference, quantize_dit, quantize_rows
+from wan.fp8 import FP8_DTYPE, Fp8Linear, fp8_linear_reference, quantize_dit, quantize_rows, quantize_tensor
 
 CFG_SCALE = 3.0
 
@@ -51,6 +51,57 @@ def test_quantize_rows_scales_each_row_to_e4m3_max():
     # e4m3 keeps 3 mantissa bits: every element within 2^-4 of itself relative to its row's scale
     back = q.float() * scale
     assert ((back - x).abs() <= (x.abs() * 2**-4 + scale * 2**-9)).all()
+
+
+def test_quantize_tensor_scales_the_whole_tensor_to_e4m3_max():
+    x = torch.randn(6, 40) * torch.logspace(-3, 3, 6)[:, None]
+    q, scale = quantize_tensor(x)
+    assert q.dtype == FP8_DTYPE and scale.dtype == torch.float32
+    chex.assert_shape(scale, ())
+    torch.testing.assert_close(scale, x.abs().max() / 448)
+    assert q.float().abs().max().item() == 448
+    assert q[0].float().abs().max().item() == 0.0  # rows 1e6 below the largest vanish with one scale
+    back = q.float() * scale
+    assert ((back - x).abs() <= (x.abs() * 2**-4 + scale * 2**-9)).all()
+    q0, scale0 = quantize_tensor(torch.zeros(3, 16))
+    assert scale0.item() == 1.0 and q0.float().abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
+@pytest.mark.parametrize("fast_accum", [False, True], ids=["exact_accum", "fast_accum"])
+def test_fp8_linear_is_exact_where_e4m3_is_for_each_recipe(scaling, fast_accum):
+    """Both scalings, with and without fast accumulation (the CPU kernel accumulates in float32 either
+    way), give the float product of values that e4m3 holds exactly after scaling."""
+    layer = _exact_linear(24, 32, seed=0)
+    x = _exact_linear(10, 32, seed=1).weight * 0.25
+    fp8 = Fp8Linear(layer, scaling=scaling, fast_accum=fast_accum)
+    chex.assert_shape(fp8.weight_scale, (1, 24) if scaling == "row" else ())
+    assert f"{scaling}-wise" in repr(fp8) and ("fast accumulation" in repr(fp8)) == fast_accum
+    # (scales like 4 / 448 are not exact in binary: float32 rounding of sums up to 128, far below e4m3's 2^-4)
+    torch.testing.assert_close(fp8(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_scaling_kernel_equals_the_reference_and_differs_from_row():
+    """Scalar scales through `torch._scaled_mm` equal the float32 product of the same operands (to float32
+    rounding: the kernel scales the sum, the reference each operand); on rows
+    of very different magnitudes one scale for the tensor loses the small rows that row scales keep."""
+    torch.manual_seed(2)
+    layer = nn.Linear(64, 32)
+    x = torch.randn(2, 8, 64) * torch.logspace(-3, 2, 8)[:, None]  # [2, 8, 64]: token rows over 5 decades
+    tensor = Fp8Linear(layer, scaling="tensor")
+    out = tensor(x)
+    reference = fp8_linear_reference(*quantize_tensor(x.reshape(-1, 64)), tensor.weight_fp8, tensor.weight_scale,
+                                     tensor.bias, torch.float32)
+    torch.testing.assert_close(out.reshape(-1, 32), reference, rtol=1e-5, atol=1e-5)
+    row = Fp8Linear(layer)(x)
+    want = layer(x) - layer.bias
+    small = slice(0, 2)  # the two smallest token rows
+    err_row = rel_l2((row - layer.bias)[:, small], want[:, small])
+    err_tensor = rel_l2((out - layer.bias)[:, small], want[:, small])
+    print(f"small rows: row-wise rel L2 {err_row:.2e}, tensor-wise {err_tensor:.2e}")
+    assert err_row < 0.05 < err_tensor
+    with pytest.raises(ValueError, match="FP8 scaling must be one of row, tensor, got 'column'"):
+        Fp8Linear(layer, scaling="column")
 
 
 def test_fp8_linear_is_exact_where_e4m3_is():
@@ -124,18 +175,21 @@ def _cfg_pair(model, tensors, meta):
     return (cond, uncond), uncond + CFG_SCALE * (cond - uncond)
 
 
-def test_fp8_dit_and_cfg_target_deviation_on_the_golden_tiny_model():
-    """The golden tiny DiT (float32 on CPU) with FP8 block linears: the output and the CFG target
-    move by a few percent (README "Speed" quotes these numbers), while the unquantised model is
-    still exact against upstream's golden output."""
+@pytest.mark.parametrize("scaling", ["row", "tensor"])
+def test_fp8_dit_and_cfg_target_deviation_on_the_golden_tiny_model(scaling):
+    """The golden tiny DiT (float32 on CPU) with FP8 block linears, either scaling: the output and the
+    CFG target move by a few percent (README "Speed" quotes these numbers), while the unquantised
+    model is still exact against upstream's golden output."""
     model, tensors, meta = golden_model("dit_t2v_1frame_b2")
     fp8 = copy.deepcopy(model)
-    quantize_dit(fp8)
+    quantize_dit(fp8, scaling=scaling)
+    assert fp8.blocks[0].ffn[0].scaling == scaling
     (cond, uncond), target = _cfg_pair(model, tensors, meta)
     (cond8, uncond8), target8 = _cfg_pair(fp8, tensors, meta)
     chex.assert_equal_shape([target, target8])
     errors = dict(cond=rel_l2(cond8, cond), uncond=rel_l2(uncond8, uncond), cfg_target=rel_l2(target8, target))
-    print("FP8 vs float32 on dit_t2v_1frame_b2: " + ", ".join(f"{k} rel L2 {v:.3e}" for k, v in errors.items()))
+    print(f"FP8 ({scaling}) vs float32 on dit_t2v_1frame_b2: "
+          + ", ".join(f"{k} rel L2 {v:.3e}" for k, v in errors.items()))
     for name, err in errors.items():
         assert 1e-4 < err < 0.1, (name, err)
     with torch.no_grad():
@@ -160,6 +214,7 @@ def test_pipeline_with_fp8_linears_on_the_tiny_release():
     pipe = WanT2V(config, release, device="cpu", fp8_linears=True)
     for expert in (pipe.low_noise_model, pipe.high_noise_model):
         assert isinstance(expert.blocks[0].ffn[2], Fp8Linear) and isinstance(expert.blocks[-1].cross_attn.v, Fp8Linear)
+        assert expert.blocks[0].ffn[2].scaling == "row" and expert.blocks[0].ffn[2].fast_accum  # the defaults
     run = meta["pipeline"]["runs"]["unipc"]
     args = dict(run["generate_arguments"], size=tuple(run["generate_arguments"]["size"]),
                 guide_scale=tuple(run["generate_arguments"]["guide_scale"]))
@@ -171,6 +226,30 @@ def test_pipeline_with_fp8_linears_on_the_tiny_release():
     assert 1e-4 < err < 0.1, err
     with pytest.raises(ValueError, match="fp8_linears quantises whole weight matrices and dit_fsdp shards them"):
         WanT2V(config, release, device="cpu", fp8_linears=True, dit_fsdp=True)
+    with pytest.raises(ValueError, match="fp8_scaling must be 'row' or 'tensor', got 'rows'"):
+        WanT2V(config, release, device="cpu", fp8_linears=True, fp8_scaling="rows")
+    tensor = WanT2V(config, release, device="cpu", fp8_linears=True, fp8_scaling="tensor", fp8_fast_accum=False)
+    layer = tensor.low_noise_model.blocks[0].self_attn.q
+    assert layer.scaling == "tensor" and not layer.fast_accum
+    assert not tensor.high_noise_model.blocks[-1].ffn[2].fast_accum
+
+
+def test_teacher_flags_reach_the_pipeline():
+    """--teacher.fp8_scaling / --teacher.no_fp8_fast_accum, through `distill.teacher.build_pipeline`
+    (what train.py calls), set every block linear of both experts."""
+    from types import SimpleNamespace
+
+    from distill import config as config_lib
+    from distill.teacher import build_pipeline
+    from wan.configs import load_config
+
+    release = golden.tiny_release_dir()
+    cfg = config_lib.parse(["--teacher.fp8", "--teacher.fp8_scaling", "tensor", "--teacher.no_fp8_fast_accum"])
+    rt = SimpleNamespace(torch_device=torch.device("cpu"), world_size=1)
+    pipe = build_pipeline(release, load_config(release / "config_tiny_t2v.json"), cfg.teacher, rt)
+    layers = [m for e in (pipe.low_noise_model, pipe.high_noise_model) for m in e.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 2 * 10 * len(pipe.low_noise_model.blocks)
+    assert {(m.scaling, m.fast_accum) for m in layers} == {("tensor", False)}
 
 
 def test_fp8_flag_errors():
@@ -181,6 +260,12 @@ def test_fp8_flag_errors():
         config_lib.parse(["--teacher.fp8", "--teacher_device_strategy", "balanced"])
     assert config_lib.parse(["--teacher.fp8"]).teacher.fp8 is True
     assert config_lib.parse([]).teacher.fp8 is False
+    cfg = config_lib.parse(["--teacher.fp8", "--teacher.fp8_scaling", "tensor", "--teacher.fp8_fast_accum"])
+    assert (cfg.teacher.fp8_scaling, cfg.teacher.fp8_fast_accum) == ("tensor", True)
+    assert (config_lib.parse([]).teacher.fp8_scaling, config_lib.parse([]).teacher.fp8_fast_accum) == ("row", True)
+    assert config_lib.parse(["--teacher.fp8", "--teacher.no_fp8_fast_accum"]).teacher.fp8_fast_accum is False
+    with pytest.raises(SystemExit):
+        config_lib.parse(["--teacher.fp8", "--teacher.fp8_scaling", "column"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,10 +273,12 @@ def test_fp8_flag_errors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["row", "row+fast", "tensor", "tensor+fast"])
 @pytest.mark.parametrize("rows", [4096, 77], ids=["aligned", "padded"])
-def test_scaled_mm_matches_the_emulation(rows):
+def test_scaled_mm_matches_the_emulation(rows, recipe):
     """torch._scaled_mm (FP8 tensor cores, float32 accumulation) against the float32 product of the
-    same quantised operands, at A14B width; 77 rows exercises the padding to a multiple of 16."""
+    same quantised operands, at A14B width, for each scaling, with and without fast accumulation; 77 rows
+    exercises the padding to a multiple of 16."""
     from wan.fp8 import has_fp8_matmul
 
     device = torch.device("cuda")
@@ -199,16 +286,17 @@ def test_scaled_mm_matches_the_emulation(rows):
     torch.manual_seed(0)
     layer = nn.Linear(5120, 13824, device=device).to(torch.bfloat16)
     x = torch.randn(rows, 5120, device=device, dtype=torch.bfloat16)
-    fp8 = Fp8Linear(layer)
+    scaling, _, fast = recipe.partition("+")
+    fp8 = Fp8Linear(layer, scaling=scaling, fast_accum=fast == "fast")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = fp8(x)
         compiled = torch.compile(fp8)(x)
-        reference = fp8_linear_reference(*quantize_rows(x), fp8.weight_fp8, fp8.weight_scale.t(), fp8.bias,
+        reference = fp8_linear_reference(*fp8._quantize(x), fp8.weight_fp8, fp8.weight_scale.t(), fp8.bias,
                                          torch.float32)
         bf16 = layer(x)
     assert out.dtype == torch.bfloat16
     chex.assert_shape(out, (rows, 13824))
-    print(f"scaled_mm vs emulation: {rel_l2(out, reference):.2e}; compiled {rel_l2(compiled, reference):.2e}; "
+    print(f"{recipe} scaled_mm vs emulation: {rel_l2(out, reference):.2e}; compiled {rel_l2(compiled, reference):.2e}; "
           f"vs bf16 {rel_l2(out, bf16):.2e}")
     assert rel_l2(out, reference) < 5e-3  # the output's bf16 rounding
     assert rel_l2(compiled, reference) < 5e-3

@@ -1,4 +1,4 @@
-"""FP8 teacher linears (`--teacher.fp8`): the DiT blocks' matmuls in float8 e4m3 with row-wise scales.
+"""FP8 teacher linears (`--teacher.fp8`): the DiT blocks' matmuls in float8 e4m3, scaled per row or per tensor.
 
 `quantize_dit(model)` replaces, in place, every `nn.Linear` inside the transformer blocks (self- and
 cross-attention q/k/v/o, the FFN's two layers: all but ~0.1% of the expert's FLOPs) by an
@@ -7,6 +7,12 @@ e4m3's largest finite value (448) and stored in float8 with its float32 scale: h
 bf16. At run time each activation row (token) is scaled the same way, and the product runs on the
 FP8 tensor cores through `torch._scaled_mm` with both scales applied to its float32 accumulator.
 The embeddings, time projection, modulation and head stay as they are, and so does attention.
+
+Two scalings (`scaling=`, `--teacher.fp8_scaling`): "row" (the default) as above, every token and
+every output channel with its own scale, so a sample's outputs do not depend on the rest of its
+batch; "tensor": one scale for the whole weight and one for the whole activation (batch included),
+cuBLASLt's plain FP8 product. `fast_accum=True` (`--teacher.fp8_fast_accum`) lets the tensor cores
+keep their partial sums in reduced precision between promotions: faster, less exact.
 
 `torch._scaled_mm` also runs on the CPU (float32 output there, equal to the float32 product of the
 quantised operands), so the CPU tests go through the same call as a GPU run. A GPU without FP8
@@ -24,11 +30,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FP8_DTYPE", "Fp8Linear", "fp8_linear_reference", "has_fp8_matmul", "quantize_dit", "quantize_rows"]
+__all__ = ["FP8_DTYPE", "SCALINGS", "Fp8Linear", "fp8_linear_reference", "has_fp8_matmul", "quantize_dit",
+           "quantize_rows", "quantize_tensor"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 _ALIGN = 16  # cuBLASLt's FP8 matmul wants every dimension a multiple of 16
+SCALINGS = ("row", "tensor")
 
 
 def has_fp8_matmul(device: torch.device) -> bool:
@@ -50,8 +58,17 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x / scale in float8 e4m3 [M, K], scale [] float32), scale = max|x| / 448 (1 for all zeros)."""
+    amax = x.detach().abs().amax().float()  # []
+    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    q = (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)  # [M, K]
+    return q, scale
+
+
 def fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
-    """What `torch._scaled_mm` computes, in float32: (xq * x_scale) @ (wq * w_scale)^T + bias."""
+    """What `torch._scaled_mm` computes, in float32: (xq * x_scale) @ (wq * w_scale)^T + bias (scales [M, 1] and
+    [N, 1], or scalars)."""
     out = (xq.float() * x_scale) @ (wq.float() * w_scale).t()  # [M, N]
     if bias is not None:
         out = out + bias.float()
@@ -59,16 +76,23 @@ def fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype) -> torch.Ten
 
 
 class Fp8Linear(nn.Module):
-    """A frozen `nn.Linear` with its weight in float8 e4m3 and one float32 scale per output row.
+    """A frozen `nn.Linear` with its weight in float8 e4m3 and float32 scales: one per output row
+    (scaling "row") or one for the matrix ("tensor"); activations are scaled the same way at run time.
 
     The output dtype is the one the replaced layer would have produced: the autocast dtype under
     autocast, else `compute_dtype` (the original weight's dtype)."""
 
-    def __init__(self, linear: nn.Linear, work_device: torch.device | None = None):
+    def __init__(self, linear: nn.Linear, work_device: torch.device | None = None, *, scaling: str = "row",
+                 fast_accum: bool = False):
         """`work_device`: the device the layer will run on (default: where `linear`'s weight is); the
         scales are computed there, the quantised weight stays where `linear`'s weight is, and whether
-        `torch._scaled_mm` runs is decided for it once, here (not per call, inside compiled graphs)."""
+        `torch._scaled_mm` runs is decided for it once, here (not per call, inside compiled graphs).
+        `scaling`: "row" or "tensor"; `fast_accum`: the kernel's reduced-precision accumulation."""
         super().__init__()
+        if scaling not in SCALINGS:
+            raise ValueError(f"FP8 scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+        self.scaling, self.fast_accum = scaling, bool(fast_accum)
+        self._quantize = quantize_rows if scaling == "row" else quantize_tensor
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = linear.weight.dtype
         home = linear.weight.device
@@ -76,14 +100,16 @@ class Fp8Linear(nn.Module):
         aligned = run.type != "cuda" or (self.in_features % _ALIGN == 0 and self.out_features % _ALIGN == 0)
         self.use_kernel = has_fp8_matmul(run) and aligned
         with torch.no_grad():
-            weight, scale = quantize_rows(linear.weight.to(work_device or home))  # [out, in], [out, 1]
+            weight, scale = self._quantize(linear.weight.to(work_device or home))  # [out, in], [out, 1] or []
         self.register_buffer("weight_fp8", weight.to(home))
-        self.register_buffer("weight_scale", scale.t().contiguous().to(home))  # [1, out]: _scaled_mm's scale_b
+        self.register_buffer("weight_scale", scale.t().contiguous().to(home))  # [1, out] or []: _scaled_mm's scale_b
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def extra_repr(self) -> str:
         kernel = "torch._scaled_mm" if self.use_kernel else "float32 reference"
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 row-wise, {kernel}"
+        accum = ", fast accumulation" if self.fast_accum else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 {self.scaling}-wise"
+                f"{accum}, {kernel}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
@@ -91,18 +117,19 @@ class Fp8Linear(nn.Module):
                      else self.compute_dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        xq, x_scale = quantize_rows(x2)
+        xq, x_scale = self._quantize(x2)
         cuda = x.device.type == "cuda"
         if self.use_kernel:
             rows = x2.shape[0]
             pad = -rows % _ALIGN if cuda else 0
             if pad:  # zero rows (scale 1) to a multiple of 16, dropped after
                 xq = torch.cat([xq, xq.new_zeros(pad, self.in_features)])
-                x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
-            # cuBLASLt's row-wise scaling writes bf16 only; the CPU kernel writes any float dtype
+                if self.scaling == "row":
+                    x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
+            # the row-wise kernel writes bf16 only (so does this for both scalings); the CPU one any float dtype
             kernel_dtype = torch.bfloat16 if cuda else out_dtype
             out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                   out_dtype=kernel_dtype)  # [M (+ pad), out]
+                                   out_dtype=kernel_dtype, use_fast_accum=self.fast_accum)  # [M (+ pad), out]
             out = out[:rows]
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
@@ -112,10 +139,12 @@ class Fp8Linear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
 
-def quantize_dit(model: nn.Module, work_device: torch.device | None = None) -> int:
+def quantize_dit(model: nn.Module, work_device: torch.device | None = None, *, scaling: str = "row",
+                 fast_accum: bool = False) -> int:
     """Replace every `nn.Linear` inside `model.blocks` by an `Fp8Linear`, in place; returns how many.
     `work_device`: the device the model will run on (default: where its weights are now); the scales
-    are computed there one matrix at a time, wherever the weights live.
+    are computed there one matrix at a time, wherever the weights live. `scaling`, `fast_accum`: as
+    `Fp8Linear`'s.
 
     Raises ValueError for a model whose parameters FSDP has sharded (DTensors)."""
     count = 0
@@ -127,6 +156,7 @@ def quantize_dit(model: nn.Module, work_device: torch.device | None = None) -> i
                 if type(child.weight).__name__ == "DTensor":
                     raise ValueError("--teacher.fp8 quantises whole weight matrices and this expert is sharded by "
                                      "FSDP: run the FP8 teacher unsharded (one GPU per teacher, --teacher.offload)")
-                setattr(module, child_name, Fp8Linear(child, work_device))  # decides the kernel for work_device
+                # decides the kernel for work_device
+                setattr(module, child_name, Fp8Linear(child, work_device, scaling=scaling, fast_accum=fast_accum))
                 count += 1
     return count

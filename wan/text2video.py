@@ -77,7 +77,9 @@ class WanT2V:
     (`wan.offload.ExpertResidency`); upstream's per-call `offload_model` still works as there.
     `compile_dit=True` compiles every DiT block with torch.compile (`wan.compile`, after FSDP and
     sequence parallelism are applied): about 1.4x faster on an H200, the same numbers within bf16
-    rounding. `fp8_linears=True` runs the blocks' linear layers in FP8 (`wan.fp8`; not with dit_fsdp).
+    rounding. `fp8_linears=True` runs the blocks' linear layers in FP8 (`wan.fp8`; not with dit_fsdp),
+    scaled per `fp8_scaling` ("row" or "tensor"), with the kernel's fast accumulation if `fp8_fast_accum`
+    (the default).
     """
 
     def __init__(
@@ -97,6 +99,8 @@ class WanT2V:
         expert_offload: bool = False,
         compile_dit: bool = False,
         fp8_linears: bool = False,
+        fp8_scaling: str = "row",
+        fp8_fast_accum: bool = True,
     ):
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
@@ -105,6 +109,8 @@ class WanT2V:
             raise ValueError("t5_fsdp shards umT5 over the GPUs and t5_cpu keeps it on the CPU: choose one")
         if fp8_linears and dit_fsdp:
             raise ValueError("fp8_linears quantises whole weight matrices and dit_fsdp shards them: choose one")
+        if fp8_linears and fp8_scaling not in ("row", "tensor"):
+            raise ValueError(f"fp8_scaling must be 'row' or 'tensor', got {fp8_scaling!r}")
         if dit_fsdp and expert_offload:
             raise ValueError("dit_fsdp already shards both experts over the GPUs; expert_offload is for a whole teacher "
                              "per GPU: choose one")
@@ -165,8 +171,9 @@ class WanT2V:
             from .fp8 import has_fp8_matmul, quantize_dit
 
             for name, model in experts.items():
-                count = quantize_dit(model, work_device=self.device)
-                log.info("expert %s: %d block linear layers in FP8 (e4m3, row-wise scales)", name, count)
+                count = quantize_dit(model, work_device=self.device, scaling=fp8_scaling, fast_accum=fp8_fast_accum)
+                log.info("expert %s: %d block linear layers in FP8 (e4m3, %s-wise scales%s)", name, count,
+                         fp8_scaling, ", fast accumulation" if fp8_fast_accum else "")
             if not has_fp8_matmul(self.device):
                 log.warning("%s has no FP8 matmul: the FP8 teacher's products run in float32 (its numbers, not its "
                             "speed)", self.device)
