@@ -778,8 +778,9 @@ def parse_args(argv):
     p.add_argument("--t5-batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--fp8-recipes", nargs="+", choices=FP8_RECIPES, default=["row"],
-                   help="teacher_fp8 / fp8_linear: FP8 scalings (row, tensor), '+fast' with fast accumulation")
+    p.add_argument("--fp8-recipes", nargs="+", choices=FP8_RECIPES, default=["row+fast"],
+                   help="teacher_fp8 / fp8_linear: FP8 scalings (row, tensor), '+fast' with fast accumulation (default: "
+                        "--teacher.fp8's recipe)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="measured bf16 matmul peak, for peak_fraction")
     p.add_argument("--scan", choices=("on", "off", "both"), default="on",
                    help="student_step with the blocks under nn.scan (the default layout), unrolled, or both")

@@ -19,8 +19,8 @@
 # PART=open: what issue 9 still lacks, meant for one call (about 8 minutes on a fresh H100,
 #   2026-12-06): the loop with the a14b preset as it is (VARIANTS), the GPU tests of its student
 #   options, the loop with the low-memory student (BASELINE: remat keeping the dense outputs, blocks
-#   scanned), teacher_fp8 at LAYERS blocks (the FP8 / bf16 ratio of the same blocks) and fp8_linear
-#   (where that ratio goes). At most 7 files under $OUT (stderr tails in errors.log), the device
+#   scanned), teacher_fp8 at all 40 blocks (FP8_LAYERS; row-wise scales with and without fast
+#   accumulation, the kernel time of each by kind). At most 7 files under $OUT (stderr tails in errors.log), the device
 #   tool's limit being 8. Every loop run logs the SM clock and power (clocks_NAME.csv): an H100 at
 #   its 700 W cap under the teacher slows its clock by up to a third, which moves timings taken
 #   seconds apart.
@@ -50,8 +50,9 @@ if [ "$PART" = open ]; then
   OUT=$OUT ERR=$ERR LAYERS=$LAYERS PART=loop VARIANTS="${BASELINE:-"dots --student.remat \
 --student.scan_blocks --student.remat_policy dots"}" bash "$0"
   collect
-  timeout 200 python -m benchmarks --full --device cuda --compile on --layers "$LAYERS" --sizes 512 1024 \
-    --figures teacher_fp8 fp8_linear > "$OUT/fp8.jsonl" 2> "$ERR/fp8.err"
+  # FP8 against bf16 at all 40 blocks (FP8_LAYERS), the default recipe and exact accumulation
+  timeout 300 python -m benchmarks --full --device cuda --compile on --layers "${FP8_LAYERS:-0}" --sizes 512 1024 \
+    --figures teacher_fp8 --fp8-recipes row+fast row > "$OUT/fp8.jsonl" 2> "$ERR/fp8.err"
   collect
 fi
 
