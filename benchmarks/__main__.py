@@ -46,7 +46,8 @@ Figures (each line has "figure", its sizes, and its numbers; times are medians o
   of the step (the bridge figure of the same run); on GPU the host synchronisations torch counted
   inside the timed steps (`torch.cuda.set_sync_debug_mode`), and the same steps once more under torch's
   profiler (`gpu_timeline`): the device's busy and idle ms per step, each stream's busy ms, and the
-  longest idle gaps with the kernels on either side (where the rest goes).
+  longest idle gaps with the kernels on either side (where the rest goes). On GPU, JAX starts with the
+  run's --train.jax_memory_fraction (`loop_jax_env`), as in train.py, even when figures before it use JAX.
 
 Random weights everywhere (no checkpoint is read, nothing downloads); `--layers` shortens the DiT
 and states the count in every line, so a figure for fewer layers is labelled as such.
@@ -591,7 +592,9 @@ class Bench:
 
     def distill_step(self):
         """`Distiller.step` of a real run, with the teacher's share timed by wrapping its target call."""
+        import os
         import tempfile
+        import warnings
 
         import jax
 
@@ -612,7 +615,12 @@ class Bench:
             if not any(f.startswith("--workdir") for f in flags):
                 flags += ["--workdir", f"{tmp}/run"]
             cfg = parse(flags)
-            rt = runtime(cfg)
+            with warnings.catch_warnings():
+                set_early = loop_jax_env(self.args.train_flags) if self.cuda else {}
+                if set_early and all(os.environ.get(k) == v for k, v in set_early.items()):
+                    # main() gave JAX this run's memory settings before the earlier figures started it
+                    warnings.filterwarnings("ignore", message="JAX was initialised before Runtime.from_env")
+                rt = runtime(cfg)
             stop = _Stop()
             try:
                 d = Distiller(cfg, rt, stop)
@@ -807,8 +815,27 @@ def parse_args(argv):
     return args
 
 
+def loop_jax_env(train_flags: list[str]) -> dict:
+    """The JAX memory settings the loop's `Runtime` would make for these run flags (no preallocation,
+    --train.jax_memory_fraction of the GPU); {} when the flags do not parse (distill_step then says why).
+    JAX reads them once, when it starts: on a GPU the figures before distill_step (student_step,
+    bridge) would otherwise start it at its default 75% and leave the loop's teacher too little."""
+    from distill.config import parse
+
+    try:
+        cfg = parse(list(train_flags))
+    except SystemExit:
+        return {}
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{cfg.train.jax_memory_fraction:g}"}
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device != "cpu" and "distill_step" in args.figures:
+        import os
+
+        os.environ.update(loop_jax_env(args.train_flags))
     bench = Bench(args)
     step_ms = None
     for figure in FIGURES:  # in this order: the bridge's share reuses the student step just measured

@@ -145,3 +145,13 @@ def test_kernel_kinds_sorts_kernels_by_name():
     assert k["other_kernel_ms"] == pytest.approx(0.55)
     assert k["top_other_kernels"] == [["triton_per_fused_add_mul_native_layer_norm_0", 0.4],
                                       ["triton_poi_fused_gelu_1", 0.15]]
+
+
+def test_loop_jax_env_is_the_runs_memory_fraction(tmp_path):
+    """distill_step on a GPU after the JAX figures: JAX must start with the loop's fraction, not its 75%."""
+    from benchmarks.__main__ import loop_jax_env
+
+    env = loop_jax_env(["--preset", "a14b", "--teacher_path", str(tmp_path)])
+    assert env == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.4"}
+    assert loop_jax_env(["--train.jax_memory_fraction", "0.25"])["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.25"
+    assert loop_jax_env(["--train.jax_memory_fraction", "2"]) == {}  # refused by the config: distill_step reports it
