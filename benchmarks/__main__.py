@@ -344,7 +344,7 @@ class Bench:
                     base_ms = self.time(lambda: linear(x))
                 for recipe in self.args.fp8_recipes:
                     fp8 = Fp8Linear(linear, **fp8_recipe(recipe))
-                    xq, x_scale = fp8._quantize(x)
+                    xq, x_scale = fp8.quantize(x)
                     kernel_dtype = torch.bfloat16 if self.cuda else self.dtype
 
                     def product():

@@ -291,7 +291,7 @@ def test_scaled_mm_matches_the_emulation(rows, recipe):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = fp8(x)
         compiled = torch.compile(fp8)(x)
-        reference = fp8_linear_reference(*fp8._quantize(x), fp8.weight_fp8, fp8.weight_scale.t(), fp8.bias,
+        reference = fp8_linear_reference(*fp8.quantize(x), fp8.weight_fp8, fp8.weight_scale.t(), fp8.bias,
                                          torch.float32)
         bf16 = layer(x)
     assert out.dtype == torch.bfloat16

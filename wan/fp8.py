@@ -48,22 +48,22 @@ def has_fp8_matmul(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def _to_e4m3(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / scale in float8 e4m3 and scale = amax / 448 (1 where amax is 0: those values quantise to 0)."""
+    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE), scale
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x / scale in float8 e4m3 [M, K], scale [M, 1] float32), scale = max|row| / 448.
 
     An all-zero row gets scale 1 (its quantised values are 0 either way)."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()  # [M, 1]
-    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
-    q = (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)  # [M, K]
-    return q, scale
+    return _to_e4m3(x, x.detach().abs().amax(dim=-1, keepdim=True).float())
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x / scale in float8 e4m3 [M, K], scale [] float32), scale = max|x| / 448 (1 for all zeros)."""
-    amax = x.detach().abs().amax().float()  # []
-    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
-    q = (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)  # [M, K]
-    return q, scale
+    return _to_e4m3(x, x.detach().abs().amax().float())
 
 
 def fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
@@ -92,7 +92,6 @@ class Fp8Linear(nn.Module):
         if scaling not in SCALINGS:
             raise ValueError(f"FP8 scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
         self.scaling, self.fast_accum = scaling, bool(fast_accum)
-        self._quantize = quantize_rows if scaling == "row" else quantize_tensor
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = linear.weight.dtype
         home = linear.weight.device
@@ -100,10 +99,14 @@ class Fp8Linear(nn.Module):
         aligned = run.type != "cuda" or (self.in_features % _ALIGN == 0 and self.out_features % _ALIGN == 0)
         self.use_kernel = has_fp8_matmul(run) and aligned
         with torch.no_grad():
-            weight, scale = self._quantize(linear.weight.to(work_device or home))  # [out, in], [out, 1] or []
+            weight, scale = self.quantize(linear.weight.to(work_device or home))  # [out, in], [out, 1] or []
         self.register_buffer("weight_fp8", weight.to(home))
         self.register_buffer("weight_scale", scale.t().contiguous().to(home))  # [1, out] or []: _scaled_mm's scale_b
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] in float8 with its scale(s), as this layer scales: `quantize_rows` or `quantize_tensor`."""
+        return quantize_rows(x) if self.scaling == "row" else quantize_tensor(x)
 
     def extra_repr(self) -> str:
         kernel = "torch._scaled_mm" if self.use_kernel else "float32 reference"
@@ -117,7 +120,7 @@ class Fp8Linear(nn.Module):
                      else self.compute_dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        xq, x_scale = self._quantize(x2)
+        xq, x_scale = self.quantize(x2)
         cuda = x.device.type == "cuda"
         if self.use_kernel:
             rows = x2.shape[0]
