@@ -81,6 +81,21 @@ def test_fp8_linear_is_exact_where_e4m3_is_for_each_recipe(scaling, fast_accum):
     torch.testing.assert_close(fp8(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_fast_accumulation_reaches_the_kernel(monkeypatch, fast_accum):
+    """The CPU kernel accumulates in float32 either way, so the flag is checked where it goes: the
+    `use_fast_accum` argument of every `torch._scaled_mm` call."""
+    calls, kernel = [], torch._scaled_mm
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("use_fast_accum"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    Fp8Linear(nn.Linear(32, 16), fast_accum=fast_accum)(torch.randn(4, 32))
+    assert calls == [fast_accum]
+
+
 def test_tensor_scaling_kernel_equals_the_reference_and_differs_from_row():
     """Scalar scales through `torch._scaled_mm` equal the float32 product of the same operands (to float32
     rounding: the kernel scales the sum, the reference each operand); on rows
