@@ -20,8 +20,8 @@
 #   2026-12-06): the loop with the a14b preset as it is (VARIANTS), the GPU tests of its student
 #   options, the loop with the low-memory student (BASELINE: remat keeping the dense outputs, blocks
 #   scanned), teacher_fp8 at all 40 blocks (FP8_LAYERS; row-wise scales with and without fast
-#   accumulation, the kernel time of each by kind). At most 7 files under $OUT (stderr tails in errors.log), the device
-#   tool's limit being 8. Every loop run logs the SM clock and power (clocks_NAME.csv): an H100 at
+#   accumulation, the kernel time of each by kind). At most 7 files under $OUT (stderr tails in
+#   errors.log), the device tool's limit being 8. Every loop run logs the SM clock and power (clocks_NAME.csv): an H100 at
 #   its 700 W cap under the teacher slows its clock by up to a third, which moves timings taken
 #   seconds apart.
 # PART=fp8: the FP8 recipes (RECIPES: row- and tensor-wise scales, each with and without fast

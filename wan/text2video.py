@@ -109,8 +109,11 @@ class WanT2V:
             raise ValueError("t5_fsdp shards umT5 over the GPUs and t5_cpu keeps it on the CPU: choose one")
         if fp8_linears and dit_fsdp:
             raise ValueError("fp8_linears quantises whole weight matrices and dit_fsdp shards them: choose one")
-        if fp8_linears and fp8_scaling not in ("row", "tensor"):
-            raise ValueError(f"fp8_scaling must be 'row' or 'tensor', got {fp8_scaling!r}")
+        if fp8_linears:
+            from .fp8 import SCALINGS
+
+            if fp8_scaling not in SCALINGS:
+                raise ValueError(f"fp8_scaling must be {' or '.join(map(repr, SCALINGS))}, got {fp8_scaling!r}")
         if dit_fsdp and expert_offload:
             raise ValueError("dit_fsdp already shards both experts over the GPUs; expert_offload is for a whole teacher "
                              "per GPU: choose one")
