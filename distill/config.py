@@ -315,6 +315,11 @@ def validate(cfg: Config) -> None:
             f"--teacher.offload swaps experts between host and GPU for a whole teacher per GPU; with "
             f"--teacher_device_strategy {cfg.teacher.device_strategy} drop --teacher.offload"
         )
+    recipe_flags = ([f"--teacher.fp8_scaling {cfg.teacher.fp8_scaling}"] if cfg.teacher.fp8_scaling != "row" else []) + (
+        ["--teacher.no_fp8_fast_accum"] if not cfg.teacher.fp8_fast_accum else [])
+    if recipe_flags and not cfg.teacher.fp8:  # would silently do nothing
+        verb, them = ("change", "them") if len(recipe_flags) > 1 else ("changes", "it")
+        problems.append(f"{' and '.join(recipe_flags)} only {verb} the FP8 teacher: add --teacher.fp8, or drop {them}")
     if cfg.teacher.fp8 and cfg.teacher.device_strategy == "balanced":
         problems.append("--teacher.fp8 quantises whole weight matrices and --teacher_device_strategy balanced shards "
                         "them with FSDP: drop --teacher.fp8, or keep a whole teacher per GPU (gpu, with --teacher.offload)")

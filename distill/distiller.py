@@ -54,7 +54,7 @@ from .evaluators import QualityEvaluator, VelocityError, eval_batch
 from .memory import MemoryPlanError, check as check_memory, plan_memory
 from .metrics import MetricsWriter
 from .phases import ExpertPhases
-from .teacher import Teacher, build_pipeline, free_text_encoder, release_config, teacher_id
+from .teacher import Teacher, build_pipeline, free_text_encoder, numerics_suffix, release_config, teacher_id
 from .toy_teacher import toy_release
 
 log = logging.getLogger("distill")
@@ -337,7 +337,7 @@ class Distiller:
         self.eval_contexts = embeddings.get(self.eval_prompts)
         self.context_null = embeddings.get([self.n_prompt])[0]
         size = (cfg.data.width, cfg.data.height)
-        sampler_id = self.teacher_id + ("-fp8" if cfg.teacher.fp8 else "")  # the DiT's numerics key its samples
+        sampler_id = self.teacher_id + numerics_suffix(cfg.teacher)  # the DiT's numerics key its samples
         gen_args = dict(teacher_id=sampler_id, size=size, steps=cfg.data.gen_steps or self.wan_config.sample_steps,
                         shift=self.wan_config.sample_shift, guide_scale=self.guide, solver="unipc",
                         samples_per_prompt=cfg.data.samples_per_prompt, n_prompt=self.n_prompt,

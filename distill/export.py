@@ -106,6 +106,8 @@ def release_info(cfg: config_lib.Config, folder: Path) -> tuple[Any, dict]:
     teacher = {"path": str(folder.resolve()), "config": cfg.teacher.config, "name": wan_config.get("__name__", ""),
                "id": teacher_id(folder, wan_config, cfg.teacher.dtype), "dtype": cfg.teacher.dtype,
                "fp8": cfg.teacher.fp8, "objective": cfg.train.loss,
+               "fp8_recipe": ({"scaling": cfg.teacher.fp8_scaling, "fast_accum": cfg.teacher.fp8_fast_accum}
+                              if cfg.teacher.fp8 else None),
                "guide_scale": list(cfg.teacher.guide_scale or wan_config.sample_guide_scale),
                "t5_checkpoint": wan_config.t5_checkpoint, "t5_tokenizer": wan_config.t5_tokenizer,
                "vae_checkpoint": wan_config.vae_checkpoint}

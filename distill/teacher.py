@@ -40,6 +40,15 @@ def teacher_id(folder: Path, config, dtype: str) -> str:
     return _digest(identity, config.text_len, dtype)[:16]
 
 
+def numerics_suffix(teacher_cfg) -> str:
+    """What `--teacher.fp8` and its recipe add to `teacher_id` where a cache holds the DiT's outputs
+    (teacher samples): "" for the bf16 / float32 teacher, else "-fp8-<scaling>" with "-fast" for fast
+    accumulation; each recipe gives other numbers, so none reuses another's samples."""
+    if not teacher_cfg.fp8:
+        return ""
+    return f"-fp8-{teacher_cfg.fp8_scaling}" + ("-fast" if teacher_cfg.fp8_fast_accum else "")
+
+
 def build_pipeline(folder: Path, config, teacher_cfg, rt) -> WanT2V:
     """`WanT2V` placed as `--teacher_device_strategy`, `--teacher.sp` and `--teacher.offload` say.
 

@@ -171,6 +171,19 @@ def test_trajectories_are_stored_on_request(tmp_path):
     torch.testing.assert_close(shard["trajectory"][5, 0], torch.randn(16, 1, 8, 8, generator=gen)[:, 0], rtol=0, atol=0)
 
 
+def test_each_teacher_numerics_keys_its_own_samples(tmp_path):
+    """Teacher samples are keyed by the DiT's numerics: bf16 (float32 here), FP8 with fast accumulation
+    and FP8 without each write their own datasets (a recipe never reuses another's samples); the same
+    recipe again finds its own."""
+    folders = []
+    for flags in ([], ["--teacher.fp8"], ["--teacher.fp8", "--teacher.no_fp8_fast_accum"], ["--teacher.fp8"]):
+        _train_py("--stage", "data", *flags, cache=tmp_path, workdir=tmp_path / "run")
+        folders.append(set((tmp_path / "data").iterdir()))
+        generated = json.loads((tmp_path / "run" / "summary.json").read_text())["samples_generated"]
+        assert generated == (0 if len(folders) == 4 else 64 + 8), flags  # the repeat: all found
+    assert [len(f) for f in folders] == [2, 4, 6, 6]  # a train and an eval dataset per recipe
+
+
 def test_training_stage_needs_the_data(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "--stage", "train", "--workdir", str(tmp_path / "r"),
                           "--data.cache_dir", str(tmp_path / "c"), "--train.steps", "2"], cwd=REPO,

@@ -198,6 +198,17 @@ def zero_eval_period(ctx):
     return ctx.flags("--train.eval_every", "0")
 
 
+@case("--teacher.fp8_scaling tensor only changes the FP8 teacher: add --teacher.fp8, or drop it")
+def fp8_scaling_without_fp8(ctx):
+    return ctx.flags("--teacher.fp8_scaling", "tensor")
+
+
+@case("--teacher.fp8_scaling tensor and --teacher.no_fp8_fast_accum only change the FP8 teacher: add --teacher.fp8, "
+      "or drop them")
+def fp8_recipe_without_fp8(ctx):
+    return ctx.flags("--teacher.fp8_scaling", "tensor", "--teacher.no_fp8_fast_accum")
+
+
 @case("--train.jax_memory_fraction must be in (0, 1), got 1.5")
 def memory_fraction_above_one(ctx):
     return ctx.flags("--train.jax_memory_fraction", "1.5")

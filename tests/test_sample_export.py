@@ -107,6 +107,7 @@ def test_export_round_trip_is_the_checkpoints_ema_bitwise(trained, exported):
     assert sampling["shift"] > 0 and sampling["text_len"] >= 1 and sampling["vae_stride"] == 8
     assert (sampling["height"], sampling["width"]) == (run_cfg.data.height, run_cfg.data.width)
     assert teacher["path"] == str(Path(run_cfg.teacher.path).resolve()) and len(teacher["id"]) == 16
+    assert teacher["fp8"] is False and "fp8_recipe" in teacher and teacher["fp8_recipe"] is None  # a bf16 teacher
     assert info["source"] == {"workdir": str(workdir.resolve()), "step": STEPS, "params": "ema",
                               "ema_decay": run_cfg.optim.ema_decay}
     assert info["param_count"] == sum(v.size for v in ema.values())
@@ -298,3 +299,10 @@ def test_cli_rejects_an_unknown_command_and_is_registered(capsys):
     for target, _ in cli.COMMANDS.values():
         module, function = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function)), target
+
+
+def test_export_names_the_fp8_recipe(tmp_path):
+    """An export records which FP8 recipe made its teacher's targets (each gives other numbers)."""
+    cfg = config_lib.parse(["--data.cache_dir", str(tmp_path), "--teacher.fp8", "--teacher.no_fp8_fast_accum"])
+    _, teacher = export_cli.release_info(cfg, export_cli.teacher_folder(cfg))
+    assert teacher["fp8"] is True and teacher["fp8_recipe"] == {"scaling": "row", "fast_accum": False}
