@@ -154,19 +154,22 @@ MATMUL_KERNELS = ("gemm", "nvjet", "xmma", "cutlass", "matmul", "scaled_mm")
 def kernel_kinds(trace_events: list[dict], runs: int, top: int = 5) -> dict:
     """Kernel time per run from a profiler's chrome-trace events, by kind, told by the kernel's name:
     attention (flash, fmha, sdpa, attention, attn), matmul (gemm, nvjet, xmma, cutlass, matmul,
-    scaled_mm; attention first, so a CUTLASS attention kernel counts as attention) and other (Triton's
-    fused elementwise and reduction kernels, copies, ...), with the `top` other kernels by time."""
+    scaled_mm; attention first, so a CUTLASS attention kernel counts as attention) and other: copies,
+    ATen's elementwise kernels and every Triton kernel (``triton_*``: Inductor names its fused
+    elementwise and reduction kernels after the ops they fuse, as ``triton_red_fused__scaled_mm_...``
+    for the quantisation of a matmul's input), with the `top` other kernels by time."""
     kinds, other = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, {}
     for e in trace_events:
         if e.get("cat") != "kernel":
             continue
         name, us = e.get("name", "?"), e.get("dur", 0)
         low = name.lower()
-        kind = ("attention" if any(k in low for k in ATTENTION_KERNELS) else
+        kind = ("other" if low.startswith("triton_") else
+                "attention" if any(k in low for k in ATTENTION_KERNELS) else
                 "matmul" if any(k in low for k in MATMUL_KERNELS) else "other")
         kinds[kind] += us
         if kind == "other":
-            other[name[:60]] = other.get(name[:60], 0.0) + us
+            other[name[:90]] = other.get(name[:90], 0.0) + us
     top_other = sorted(other.items(), key=lambda kv: -kv[1])[:top]
     return dict(**{f"{k}_kernel_ms": v / 1e3 / runs for k, v in kinds.items()},
                 top_other_kernels=[[name, round(us / 1e3 / runs, 3)] for name, us in top_other])

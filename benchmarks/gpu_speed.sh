@@ -33,7 +33,7 @@ OUT=${OUT:-/tmp/speed_out}
 WORK=${WORK:-/tmp/speed}
 LAYERS=${LAYERS:-4}
 PART=${PART:-teacher}
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK" "${ERR:-$OUT}"
 export PYTHONUNBUFFERED=1
 REPO=$(pwd)
 
@@ -116,12 +116,16 @@ dots --student.remat --student.scan_blocks --student.remat_policy dots"}
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader \
       -lms 500 > "${ERR:-$OUT}/clocks_$name.csv" 2>&1 &
     clocks=$!
+    # the bridge figure in a process of its own: after it in the same process, the loop's student step ran
+    # out of JAX memory on an H100 (40% of 80 GB; allocating 20.7 GiB, 2026-12-06)
+    python -m benchmarks --device cuda --full --figures bridge < /dev/null > "$OUT/distill_step_$name.jsonl" \
+      2> "${ERR:-$OUT}/bridge_$name.err"
     # shellcheck disable=SC2086  # $flags is a list of flags
-    python -m benchmarks --device cuda --full --figures bridge distill_step --iters 6 --warmup 2 -- \
+    python -m benchmarks --device cuda --full --figures distill_step --iters 6 --warmup 2 -- \
       --preset a14b --teacher_path "$RELEASE" --teacher_on_cpu --data.prompts "$WORK/prompts.txt" \
       --data.eval_prompts "$WORK/eval_prompts.txt" --data.gen_steps 2 --data.samples_per_prompt 1 \
       --train.sample_every 0 --train.steps 100 --data.cache_dir "$WORK/cache" $flags \
-      < /dev/null > "$OUT/distill_step_$name.jsonl" 2> "${ERR:-$OUT}/distill_step_$name.err"  # stdin: the variants
+      < /dev/null >> "$OUT/distill_step_$name.jsonl" 2> "${ERR:-$OUT}/distill_step_$name.err"  # stdin: the variants
     kill "$clocks" 2> /dev/null
   done <<< "$VARIANTS"
 fi

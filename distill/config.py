@@ -65,7 +65,7 @@ class TeacherConfig:
     on its batch); tensor = one scale per weight and per activation tensor (the whole batch)."""
     fp8_fast_accum: bool = True
     """With --teacher.fp8: the FP8 kernel's fast accumulation (partial sums kept in reduced precision between
-    promotions): 0.67x instead of 0.73x the bf16 forward at 1024x1024 batch 2 on an H100, each product within
+    promotions): 0.64x instead of 0.69x the bf16 forward at 1024x1024 batch 2 on an H100, each product within
     0.4% of the exact one against FP8's 3.7% from bf16 (README "Speed"); --teacher.no_fp8_fast_accum for
     float32 accumulation throughout."""
     on_cpu: Annotated[bool, _alias("--teacher_on_cpu")] = False

@@ -136,15 +136,20 @@ def test_kernel_kinds_sorts_kernels_by_name():
         kernel("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 500),  # CUTLASS attention: attention, not matmul
         kernel("triton_per_fused_add_mul_native_layer_norm_0", 600),
         kernel("triton_poi_fused_gelu_1", 300), kernel("triton_per_fused_add_mul_native_layer_norm_0", 200),
+        # Inductor's fused kernels are named after the ops they fuse: still elementwise, not a matmul / attention
+        kernel("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_4", 100),
+        kernel("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_transpose_2", 40),
         {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 0, "dur": 9999},  # not a kernel
         {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9999},
     ]
     k = kernel_kinds(events, runs=2)
     assert k["matmul_kernel_ms"] == pytest.approx(2.5)
     assert k["attention_kernel_ms"] == pytest.approx(1.0)
-    assert k["other_kernel_ms"] == pytest.approx(0.55)
+    assert k["other_kernel_ms"] == pytest.approx(0.62)
     assert k["top_other_kernels"] == [["triton_per_fused_add_mul_native_layer_norm_0", 0.4],
-                                      ["triton_poi_fused_gelu_1", 0.15]]
+                                      ["triton_poi_fused_gelu_1", 0.15],
+                                      ["triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_4", 0.05],
+                                      ["triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_transpose_2", 0.02]]
 
 
 def test_loop_jax_env_is_the_runs_memory_fraction(tmp_path):
